@@ -1,0 +1,51 @@
+"""Atomic Parquet writes: a reader (DuckDB, the report) never sees a partial file."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from storage.schema import SCHEMA_VERSION, TABLES
+
+
+def rows_to_table(table: str, rows: Sequence[Mapping[str, Any]]) -> pa.Table:
+    """Build an Arrow table for `table` from dict rows; unknown or missing columns are errors."""
+    schema = TABLES[table]
+    names = set(schema.names)
+    for i, row in enumerate(rows):
+        extra, missing = set(row) - names, names - set(row)
+        if extra or missing:
+            raise ValueError(
+                f"{table} row {i}: unknown columns {sorted(extra)}, missing columns {sorted(missing)}"
+            )
+    columns = {name: [row[name] for row in rows] for name in schema.names}
+    meta = {b"lora_sweep.table": table.encode(), b"lora_sweep.schema_version": str(SCHEMA_VERSION).encode()}
+    return pa.table(columns, schema=schema.with_metadata(meta))
+
+
+def write_rows(table: str, rows: Sequence[Mapping[str, Any]], path: Path) -> Path:
+    """Validate rows against the table schema and write them to `path` atomically."""
+    return write_table_atomic(rows_to_table(table, rows), path)
+
+
+def write_table_atomic(data: pa.Table, path: Path) -> Path:
+    """Write to a temp file in the same folder, fsync, then os.replace into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            pq.write_table(data, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

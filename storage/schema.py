@@ -1,0 +1,105 @@
+"""Parquet schemas: the one source of column names for every table lora-sweep writes.
+
+Each table is written as many small Parquet files (one per task that produced rows);
+DuckDB views in `storage/views/` union them. Bump SCHEMA_VERSION on any breaking change.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+SCHEMA_VERSION = 1
+
+RUNS = pa.schema(
+    [
+        ("sweep_id", pa.string()),
+        ("run_id", pa.string()),
+        ("base_model", pa.string()),
+        ("base_model_path", pa.string()),
+        ("rank", pa.int32()),
+        ("alpha", pa.float64()),
+        ("learning_rate", pa.float64()),
+        ("max_steps", pa.int32()),
+        ("batch_size", pa.int32()),
+        ("resolution", pa.int32()),
+        ("seed", pa.int64()),
+        ("status", pa.string()),  # "completed" | "failed"
+        ("error", pa.string()),
+        ("num_images", pa.int32()),
+        ("trainable_params", pa.int64()),
+        ("steps_per_s", pa.float64()),
+        ("peak_memory_mb", pa.float64()),
+        ("wall_time_s", pa.float64()),
+        ("started_at", pa.timestamp("us", tz="UTC")),
+        ("finished_at", pa.timestamp("us", tz="UTC")),
+        ("run_dir", pa.string()),
+    ]
+)
+
+CHECKPOINTS = pa.schema(
+    [
+        ("sweep_id", pa.string()),
+        ("run_id", pa.string()),
+        ("checkpoint_id", pa.string()),
+        ("step", pa.int32()),
+        ("lora_path", pa.string()),  # diffusers/peft format
+        ("kohya_path", pa.string()),  # A1111 / ComfyUI format
+        ("train_loss_smoothed", pa.float64()),
+        ("wall_time_s", pa.float64()),
+    ]
+)
+
+LOSSES = pa.schema(
+    [
+        ("sweep_id", pa.string()),
+        ("run_id", pa.string()),
+        ("step", pa.int32()),
+        ("loss", pa.float64()),
+        ("learning_rate", pa.float64()),
+    ]
+)
+
+IMAGES = pa.schema(
+    [
+        ("sweep_id", pa.string()),
+        ("image_id", pa.string()),
+        ("render_id", pa.string()),
+        ("base_model", pa.string()),
+        ("run_id", pa.string()),  # null for the no-LoRA baseline
+        ("checkpoint_id", pa.string()),  # null for the no-LoRA baseline
+        ("rank", pa.int32()),  # null for the no-LoRA baseline
+        ("checkpoint_step", pa.int32()),  # null for the no-LoRA baseline
+        ("sampler", pa.string()),
+        ("steps", pa.int32()),
+        ("lora_weight", pa.float64()),
+        ("cfg_scale", pa.float64()),
+        ("prompt_index", pa.int32()),
+        ("prompt", pa.string()),
+        ("negative_prompt", pa.string()),
+        ("seed", pa.int64()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("path", pa.string()),
+        ("render_s", pa.float64()),
+    ]
+)
+
+# Long format: one row per (image, metric). Units live in the metric name (e.g. "psnr_db").
+IMAGE_METRICS = pa.schema(
+    [
+        ("sweep_id", pa.string()),
+        ("image_id", pa.string()),
+        ("metric", pa.string()),
+        ("value", pa.float64()),
+        ("higher_is_better", pa.bool_()),
+        ("reference_id", pa.string()),  # e.g. the nearest training image, or the baseline image
+    ]
+)
+
+TABLES: dict[str, pa.Schema] = {
+    "runs": RUNS,
+    "checkpoints": CHECKPOINTS,
+    "losses": LOSSES,
+    "images": IMAGES,
+    "image_metrics": IMAGE_METRICS,
+}
