@@ -26,3 +26,19 @@ def tiny_pipeline(tiny_model_dir: Path):
     from tasks.base_model import load_pipeline
 
     return load_pipeline(str(tiny_model_dir))
+
+
+def small_sweep_data(output_dir: Path, **training: object) -> dict:
+    """A small but complete sweep spec (as parsed TOML) on the builtin tiny model and demo world."""
+    data = {
+        "name": "small",
+        "output_dir": str(output_dir),
+        "dataset": {"path": "builtin:demo-world", "trigger_word": "zqx"},
+        "base_models": [{"name": "tiny-sd15", "path": "builtin:tiny-sd15"}],
+        "training": {"ranks": [2, 4], "alpha": 3.0, "max_steps": 12, "checkpoint_steps": [6, 12],
+                     "learning_rate": 1e-3, "batch_size": 2, "resolution": 64, "seed": 0},
+        "render": {"prompts": ["a photo of {trigger}"], "seeds": [1, 2], "samplers": ["Euler a", "DPM++ 2M Karras"],
+                   "steps": [2, 3], "lora_weights": [0.0, 1.0], "cfg_scales": [7.0], "width": 64, "height": 64},
+    }
+    data["training"].update(training)
+    return data

@@ -1,0 +1,93 @@
+"""The `lora-sweep` flow: validate, train one LoRA per (base model x rank), render the grids,
+then build the DuckDB catalog and the HTML report.
+
+Final state: COMPLETED when every run and render succeeded. When some failed, everything else
+still finishes (other runs, their renders, catalog and report, with the failures recorded as
+data) and the flow then ends FAILED, naming what failed, so schedules and alerts notice.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact
+from prefect.states import Failed
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from storage.catalog import Manifest
+from storage.layout import SweepLayout
+from tasks.plan import CheckpointRef, render_jobs, sweep_root, training_runs
+from tasks.prefect_tasks import (
+    catalog_task,
+    load_spec_task,
+    prepare_inputs_task,
+    render_task,
+    report_task,
+    train_task,
+)
+
+
+@flow(name="lora-sweep", task_runner=ThreadPoolTaskRunner(max_workers=2), log_prints=True)
+def lora_sweep(spec_path: str = "sweeps/demo.toml"):
+    """Run the sweep described by the TOML file at `spec_path` (relative to the working directory)."""
+    logger = get_run_logger()
+    started = time.perf_counter()
+    spec = load_spec_task(spec_path)
+    inputs = prepare_inputs_task(spec)
+    layout = SweepLayout(sweep_root(spec))
+    layout.root.mkdir(parents=True, exist_ok=True)
+    layout.spec_path.write_text(json.dumps({"sweep_id": spec.sweep_id(), "spec": spec.model_dump(mode="json"),
+                                            "spec_path": str(Path(spec_path).resolve())}, indent=2))
+
+    runs = training_runs(spec, inputs.model_paths, inputs.dataset_path, inputs.dataset_fingerprint)
+    baselines = render_jobs(spec, inputs.model_paths, [], runs)
+    baseline_futures = render_task.map(baselines)
+    train_futures = train_task.map(runs)
+
+    checkpoints: list[CheckpointRef] = []
+    failures: list[str] = []
+    for run, future in zip(runs, train_futures):
+        future.wait()
+        if future.state.is_completed():
+            checkpoints.extend(future.result().checkpoints)
+        else:
+            failures.append(f"training {run.run_id}: {future.state.message}")
+    for job, future in zip(baselines, baseline_futures):
+        future.wait()
+        if not future.state.is_completed():
+            failures.append(f"render {job.render_id}: {future.state.message}")
+
+    jobs = [j for j in render_jobs(spec, inputs.model_paths, checkpoints, runs) if j.checkpoint is not None]
+    render_futures = render_task.map(jobs)
+    for job, future in zip(jobs, render_futures):
+        future.wait()
+        if not future.state.is_completed():
+            failures.append(f"render {job.render_id}: {future.state.message}")
+
+    manifest = Manifest(spec.sweep_id(), tuple(r.run_id for r in runs),
+                        tuple(j.render_id for j in [*baselines, *jobs]), 0.0 in spec.render.lora_weights)
+    manifest.write(layout)
+    catalog = catalog_task(str(layout.root))
+    report = report_task(str(layout.root))
+    wall = time.perf_counter() - started
+    summary = {"sweep_id": spec.sweep_id(), "sweep_root": str(layout.root), "catalog": catalog,
+               "report": report, "runs": len(runs), "render_jobs": len(baselines) + len(jobs),
+               "failures": failures, "wall_time_s": round(wall, 1)}
+    create_markdown_artifact(key="lora-sweep-summary", markdown=_summary_markdown(summary),
+                             description=f"lora-sweep {spec.name}")
+    logger.info("sweep %s finished in %.1f s: report %s", spec.name, wall, report)
+    if failures:
+        return Failed(message=f"{len(failures)} part(s) of the sweep failed: " + "; ".join(failures), data=summary)
+    return summary
+
+
+def _summary_markdown(summary: dict) -> str:
+    lines = [f"# lora-sweep {summary['sweep_id']}", "",
+             f"- report: `{summary['report']}`", f"- catalog: `{summary['catalog']}`",
+             f"- runs: {summary['runs']}, render jobs: {summary['render_jobs']}",
+             f"- wall time: {summary['wall_time_s']} s"]
+    lines += [f"- FAILED: {f}" for f in summary["failures"]]
+    return "\n".join(lines)

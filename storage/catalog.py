@@ -1,0 +1,116 @@
+"""The DuckDB catalog: a small .duckdb file of views over one sweep's Parquet files.
+
+Tasks write Parquet; the catalog only reads. Views name the exact files of the current sweep
+(from its manifest), with absolute paths so any working directory can open it. The file is
+rebuilt under a temporary name and swapped in, so a reader never blocks a writer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import duckdb
+import pyarrow as pa
+
+from storage.layout import SweepLayout
+from storage.schema import SCHEMA_VERSION, TABLES
+
+VIEWS_DIR = Path(__file__).parent / "views"
+# Derived views, created in this order after the base tables.
+DERIVED_VIEWS = ("grid", "run_summary")
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """Which artifacts belong to the current sweep: the keys of its Parquet files per table."""
+
+    sweep_id: str
+    run_ids: tuple[str, ...]
+    render_ids: tuple[str, ...]
+    zero_weight_in_grid: bool = True  # the spec lists LoRA weight 0.0, so baselines join the grid
+
+    def keys(self, table: str) -> tuple[str, ...]:
+        return self.render_ids if table in ("images", "image_metrics") else self.run_ids
+
+    def write(self, layout: SweepLayout) -> Path:
+        path = layout.root / "manifest.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps({"sweep_id": self.sweep_id, "run_ids": self.run_ids,
+                                   "render_ids": self.render_ids,
+                                   "zero_weight_in_grid": self.zero_weight_in_grid, "schema_version": SCHEMA_VERSION}, indent=2))
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def read(cls, layout: SweepLayout) -> Manifest:
+        data = json.loads((layout.root / "manifest.json").read_text())
+        return cls(data["sweep_id"], tuple(data["run_ids"]), tuple(data["render_ids"]),
+                   bool(data.get("zero_weight_in_grid", True)))
+
+
+def table_files(layout: SweepLayout, manifest: Manifest, table: str) -> list[str]:
+    """Absolute paths of the table's Parquet files that exist (a failed task may have none)."""
+    files = (layout.table_file(table, key).resolve() for key in manifest.keys(table))
+    return [str(f) for f in files if f.exists()]
+
+
+def table_sql(layout: SweepLayout, manifest: Manifest, table: str) -> str:
+    """A SELECT over the table's files, or a typed empty relation when there are none."""
+    files = table_files(layout, manifest, table)
+    if files:
+        listed = ", ".join("'" + f.replace("'", "''") + "'" for f in files)
+        return f"SELECT * FROM read_parquet([{listed}], union_by_name = true)"
+    columns = ", ".join(f"CAST(NULL AS {_duckdb_type(f.type)}) AS {f.name}" for f in TABLES[table])
+    return f"SELECT {columns} WHERE false"
+
+
+def _duckdb_type(t: pa.DataType) -> str:
+    if pa.types.is_string(t):
+        return "VARCHAR"
+    if pa.types.is_int32(t):
+        return "INTEGER"
+    if pa.types.is_int64(t):
+        return "BIGINT"
+    if pa.types.is_floating(t):
+        return "DOUBLE"
+    if pa.types.is_boolean(t):
+        return "BOOLEAN"
+    if pa.types.is_timestamp(t):
+        return "TIMESTAMPTZ"
+    raise TypeError(f"no DuckDB type for {t}")
+
+
+def build_catalog(layout: SweepLayout, manifest: Manifest | None = None) -> Path:
+    """(Re)build `catalog.duckdb` with one view per table plus the derived views; swap it in atomically."""
+    manifest = manifest or Manifest.read(layout)
+    layout.root.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".catalog.", suffix=".duckdb", dir=layout.root)
+    os.close(fd)
+    os.unlink(tmp)  # DuckDB must create the file itself
+    try:
+        con = duckdb.connect(tmp)
+        try:
+            for table in TABLES:
+                con.execute(f"CREATE VIEW {table} AS {table_sql(layout, manifest, table)}")
+            for view in DERIVED_VIEWS:
+                con.execute(f"CREATE VIEW {view} AS {(VIEWS_DIR / f'{view}.sql').read_text()}")
+            con.execute("CREATE TABLE catalog_info AS SELECT ?::VARCHAR AS sweep_id, ?::INTEGER AS schema_version, "
+                        "?::BOOLEAN AS zero_weight_in_grid", [manifest.sweep_id, SCHEMA_VERSION,
+                                                            manifest.zero_weight_in_grid])
+        finally:
+            con.close()
+        os.replace(tmp, layout.catalog_path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+        Path(tmp + ".wal").unlink(missing_ok=True)
+    return layout.catalog_path
+
+
+def connect(layout: SweepLayout) -> duckdb.DuckDBPyConnection:
+    """A read-only connection to the sweep's catalog: many readers, never a lock on writers."""
+    return duckdb.connect(str(layout.catalog_path), read_only=True)

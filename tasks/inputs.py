@@ -1,0 +1,102 @@
+"""Check every input of a sweep before any expensive work, and materialise `builtin:` assets.
+
+All problems (spec, base models, dataset, output folder) are gathered and raised together, so
+a user fixes them in one pass and no training starts on input that would fail later.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from tasks.spec import BUILTIN_PREFIX, SweepSpec
+
+MIN_FREE_BYTES = 200 * 2**20
+
+
+class InputError(ValueError):
+    """Every problem found in a sweep's inputs, one per line."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        lines = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"{len(problems)} problem(s) with the sweep's inputs (nothing was run):\n{lines}")
+
+
+@dataclass(frozen=True)
+class PreparedInputs:
+    """Resolved, checked inputs: real paths for every base model and the dataset."""
+
+    model_paths: dict[str, str]
+    dataset_path: str
+    dataset_fingerprint: str
+    num_images: int
+
+
+def builtin_dir(spec: SweepSpec) -> Path:
+    """Where builtin assets are materialised: beside the sweep's outputs, shared by all sweeps there."""
+    return Path(spec.output_dir) / "builtin"
+
+
+def prepare_inputs(spec: SweepSpec) -> PreparedInputs:
+    """Validate base models, dataset and output folder; build builtin assets; raise InputError on any problem."""
+    problems: list[str] = []
+    problems += _output_problems(Path(spec.output_dir))
+    model_paths = {}
+    for index, model in enumerate(spec.base_models):
+        path, found = _model_path(spec, model.path, model.config)
+        model_paths[model.name] = path
+        problems += [f"base_models[{index}] ({model.name}): {p}" for p in found]
+    dataset_path, fingerprint, count, found = _dataset(spec)
+    problems += found
+    if problems:
+        raise InputError(problems)
+    return PreparedInputs(model_paths, dataset_path, fingerprint, count)
+
+
+def _model_path(spec: SweepSpec, path: str, config: str | None) -> tuple[str, list[str]]:
+    from tasks.base_model import validate_base_model
+
+    if path.startswith(BUILTIN_PREFIX):
+        from tasks.tiny_model import ensure_tiny_model
+
+        return str(ensure_tiny_model(builtin_dir(spec) / path[len(BUILTIN_PREFIX) :])), []
+    return path, validate_base_model(path, config=config)
+
+
+def _dataset(spec: SweepSpec) -> tuple[str, str, int, list[str]]:
+    from tasks.dataset import DatasetError, dataset_fingerprint, scan_dataset
+
+    ds = spec.dataset
+    path = ds.path
+    if path.startswith(BUILTIN_PREFIX):
+        from tasks.demo_world import write_demo_dataset
+
+        folder = builtin_dir(spec) / f"{path[len(BUILTIN_PREFIX):]}-{ds.trigger_word}-{spec.training.resolution}"
+        try:
+            path = str(write_demo_dataset(folder, trigger=ds.trigger_word, size=spec.training.resolution))
+        except (ValueError, FileExistsError) as err:
+            return path, "", 0, [f"dataset.path {path!r} at training.resolution {spec.training.resolution}: {err}"]
+    try:
+        items = scan_dataset(Path(path), caption_extension=ds.caption_extension, min_images=ds.min_images,
+                             min_size=min(64, spec.training.resolution))
+    except DatasetError as err:
+        return path, "", 0, [f"dataset: {p}" for p in err.problems]
+    return path, dataset_fingerprint(items), len(items), []
+
+
+def _output_problems(output_dir: Path) -> list[str]:
+    existing = output_dir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return [f"output_dir {str(output_dir)!r}: {str(existing)!r} is a file, not a folder"]
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return [f"output_dir {str(output_dir)!r}: folder {str(existing)!r} is not writable; choose a writable folder"]
+    free = shutil.disk_usage(existing).free
+    if free < MIN_FREE_BYTES:
+        return [f"output_dir {str(output_dir)!r}: only {free / 2**20:.0f} MiB free on its disk; "
+                f"need at least {MIN_FREE_BYTES / 2**20:.0f} MiB"]
+    return []

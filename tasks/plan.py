@@ -1,0 +1,164 @@
+"""Expand a SweepSpec into the training runs and render jobs it implies, each with a content id.
+
+Ids hash everything that determines an artifact, so re-running a sweep finds finished work and
+a changed spec gets new ids only where something really changed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict
+
+from tasks.spec import BaseModelSpec, DatasetSpec, SweepSpec, content_id
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class TrainingRunSpec(_Frozen):
+    """Everything one training run needs: small, serialisable, passed across task boundaries."""
+
+    run_id: str
+    sweep_id: str
+    sweep_root: str
+    base_model: BaseModelSpec
+    base_model_path: str  # resolved folder or file (builtins materialised)
+    dataset: DatasetSpec
+    dataset_path: str
+    dataset_fingerprint: str
+    rank: int
+    alpha: float
+    max_steps: int
+    checkpoint_steps: tuple[int, ...]
+    learning_rate: float
+    batch_size: int
+    resolution: int
+    seed: int
+    target_modules: tuple[str, ...]
+
+
+class CheckpointRef(_Frozen):
+    """A saved LoRA checkpoint, as the render task needs it."""
+
+    run_id: str
+    checkpoint_id: str
+    step: int
+    rank: int
+    lora_dir: str
+
+
+class RenderJobSpec(_Frozen):
+    """One render task: a base model and one checkpoint (or none, the baseline) over the whole grid."""
+
+    render_id: str
+    sweep_id: str
+    sweep_root: str
+    base_model: BaseModelSpec
+    base_model_path: str
+    checkpoint: CheckpointRef | None
+    prompts: tuple[str, ...]
+    negative_prompt: str
+    seeds: tuple[int, ...]
+    samplers: tuple[str, ...]
+    steps: tuple[int, ...]
+    lora_weights: tuple[float, ...]
+    cfg_scales: tuple[float, ...]
+    width: int
+    height: int
+    trigger_word: str
+
+
+def sweep_root(spec: SweepSpec) -> Path:
+    return Path(spec.output_dir) / spec.name
+
+
+def training_runs(
+    spec: SweepSpec, model_paths: dict[str, str], dataset_path: str, dataset_fingerprint: str
+) -> list[TrainingRunSpec]:
+    """One run per (base model x rank), in spec order."""
+    t = spec.training
+    runs = []
+    for model in spec.base_models:
+        for rank in t.ranks:
+            fields = dict(
+                base_model=model,
+                base_model_path=model_paths[model.name],
+                dataset=spec.dataset,
+                dataset_path=dataset_path,
+                dataset_fingerprint=dataset_fingerprint,
+                rank=rank,
+                alpha=float(t.alpha if t.alpha is not None else rank),
+                max_steps=t.max_steps,
+                checkpoint_steps=tuple(sorted(t.checkpoint_steps)),
+                learning_rate=t.learning_rate,
+                batch_size=t.batch_size,
+                resolution=t.resolution,
+                seed=t.seed,
+                target_modules=t.target_modules,
+            )
+            identity = {k: v for k, v in fields.items() if k not in ("base_model_path", "dataset_path")}
+            identity["base_model"] = model.model_dump(exclude={"name"})
+            identity["dataset"] = {"trigger_word": spec.dataset.trigger_word}
+            run_id = f"{model.name}-r{rank}-{content_id(_jsonable(identity), 10)}"
+            runs.append(
+                TrainingRunSpec(run_id=run_id, sweep_id=spec.sweep_id(), sweep_root=str(sweep_root(spec)), **fields)
+            )
+    return runs
+
+
+def checkpoint_id(run_id: str, step: int) -> str:
+    return f"{run_id}-s{step}"
+
+
+def render_jobs(
+    spec: SweepSpec, model_paths: dict[str, str], checkpoints: list[CheckpointRef], runs: list[TrainingRunSpec]
+) -> list[RenderJobSpec]:
+    """A baseline job per base model, then one job per checkpoint of that model's runs."""
+    model_of_run = {r.run_id: r.base_model for r in runs}
+    r = spec.render
+    grid = dict(
+        prompts=spec.prompt_texts(),
+        negative_prompt=r.negative_prompt,
+        seeds=r.seeds,
+        samplers=r.samplers,
+        steps=r.steps,
+        cfg_scales=r.cfg_scales,
+        width=r.width,
+        height=r.height,
+        trigger_word=spec.dataset.trigger_word,
+    )
+    jobs = []
+    for model in spec.base_models:
+        mine = [c for c in checkpoints if model_of_run[c.run_id].name == model.name]
+        for ckpt in [None, *mine]:
+            weights = (0.0,) if ckpt is None else tuple(w for w in r.lora_weights if w != 0.0)
+            if ckpt is not None and not weights:
+                continue
+            identity = {"model": model.model_dump(), "ckpt": ckpt and ckpt.checkpoint_id, "w": weights, **grid}
+            tag = f"{model.name}-baseline" if ckpt is None else ckpt.checkpoint_id
+            render_id = f"{tag}-{content_id(_jsonable(identity), 10)}"
+            jobs.append(
+                RenderJobSpec(
+                    render_id=render_id,
+                    sweep_id=spec.sweep_id(),
+                    sweep_root=str(sweep_root(spec)),
+                    base_model=model,
+                    base_model_path=model_paths[model.name],
+                    checkpoint=ckpt,
+                    lora_weights=weights,
+                    **grid,
+                )
+            )
+    return jobs
+
+
+def _jsonable(value: object) -> object:
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value

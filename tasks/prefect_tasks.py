@@ -1,0 +1,60 @@
+"""Thin Prefect task wrappers around the plain task functions.
+
+Heavy imports (torch, diffusers) happen inside each wrapper, so the flow module imports fast
+and stays free of torch. Tasks pass ids, paths and small specs, never tensors. Only I/O-bound
+steps retry; training and rendering failures propagate so Prefect marks the task failed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from tasks.inputs import PreparedInputs
+from tasks.plan import RenderJobSpec, TrainingRunSpec
+from tasks.spec import SweepSpec
+
+
+@task(name="load-spec", cache_policy=NO_CACHE)
+def load_spec_task(spec_path: str) -> SweepSpec:
+    from tasks.spec import load_spec
+
+    return load_spec(spec_path)
+
+
+@task(name="prepare-inputs", cache_policy=NO_CACHE)
+def prepare_inputs_task(spec: SweepSpec) -> PreparedInputs:
+    from tasks.inputs import prepare_inputs
+
+    return prepare_inputs(spec)
+
+
+@task(name="train-lora", task_run_name="train-{run.run_id}", cache_policy=NO_CACHE)
+def train_task(run: TrainingRunSpec):
+    from tasks.train import train_lora
+
+    return train_lora(run)
+
+
+@task(name="render-grid", task_run_name="render-{job.render_id}", cache_policy=NO_CACHE)
+def render_task(job: RenderJobSpec) -> str:
+    from tasks.render import render_job
+
+    return str(render_job(job))
+
+
+@task(name="build-catalog", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=1)
+def catalog_task(sweep_root: str) -> str:
+    from storage.catalog import build_catalog
+    from storage.layout import SweepLayout
+
+    return str(build_catalog(SweepLayout(Path(sweep_root))))
+
+
+@task(name="build-report", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=1)
+def report_task(sweep_root: str) -> str:
+    from reports.build_report import build_report
+
+    return str(build_report(Path(sweep_root)))

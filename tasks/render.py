@@ -1,0 +1,175 @@
+"""Render one job's fixed-seed grid: a base model and one LoRA checkpoint (or none) over
+samplers x steps x CFG x LoRA weights x prompts x seeds.
+
+The pipeline and the LoRA are loaded once; weights switch with `set_adapters` and samplers
+swap from the scheduler config. Every image has its own generator seeded from its seed, so no
+pixel depends on batch size, order or the rest of the grid. A PNG is written atomically and
+found again on a re-run, so an interrupted job only renders what is missing.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from storage.layout import SweepLayout
+from storage.parquet_io import write_rows
+from tasks.base_model import load_pipeline, model_hash
+from tasks.checkpoint_io import DIFFUSERS_FILE
+from tasks.png_metadata import ImageParameters, png_info, read_png_parameters
+from tasks.plan import RenderJobSpec
+from tasks.provenance import lora_sweep_version
+from tasks.samplers import make_scheduler, resolve_sampler
+from tasks.spec import content_id
+
+log = logging.getLogger(__name__)
+ADAPTER = "lora"
+MAX_BATCH = 8
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One image of the grid, before rendering."""
+
+    sampler: str
+    steps: int
+    cfg_scale: float
+    lora_weight: float
+    prompt_index: int
+    prompt: str
+    seed: int
+
+
+def image_id(job: RenderJobSpec, cell: Cell) -> str:
+    """Identity of an image: everything that determines its pixels."""
+    ckpt = job.checkpoint.checkpoint_id if job.checkpoint else None
+    weight = cell.lora_weight if ckpt else 0.0
+    return content_id({
+        "model": job.base_model.model_dump(), "checkpoint": ckpt, "sampler": cell.sampler, "steps": cell.steps,
+        "cfg": cell.cfg_scale, "weight": weight, "prompt": cell.prompt, "negative": job.negative_prompt,
+        "seed": cell.seed, "size": [job.width, job.height],
+    })
+
+
+def grid_cells(job: RenderJobSpec) -> list[Cell]:
+    """All cells in render order: prompts x seeds innermost, so they batch together."""
+    return [
+        Cell(sampler, steps, cfg, weight, pi, prompt, seed)
+        for weight, sampler, steps, cfg in itertools.product(job.lora_weights, job.samplers, job.steps, job.cfg_scales)
+        for (pi, prompt), seed in itertools.product(enumerate(job.prompts), job.seeds)
+    ]
+
+
+def render_job(job: RenderJobSpec) -> Path:
+    """Render every missing image of the job and write its `images` Parquet file; returns that file."""
+    layout = SweepLayout(Path(job.sweep_root))
+    table_file = layout.table_file("images", job.render_id)
+    if table_file.exists():
+        log.info("render %s: finished earlier, skipping", job.render_id)
+        return table_file
+    out_dir = layout.render_dir(job.render_id)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cells = grid_cells(job)
+    todo = [c for c in cells if not (out_dir / f"{image_id(job, c)}.png").exists()]
+    log.info("render %s: %d images, %d already on disk", job.render_id, len(cells), len(cells) - len(todo))
+    if todo:
+        _render_missing(job, todo, out_dir)
+    rows = [_image_row(job, c, out_dir / f"{image_id(job, c)}.png") for c in cells]
+    return write_rows("images", rows, table_file)
+
+
+def _render_missing(job: RenderJobSpec, todo: list[Cell], out_dir: Path) -> None:
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    pipe = load_pipeline(job.base_model_path, config=job.base_model.config, device=device)
+    pipe.set_progress_bar_config(disable=True)
+    base_config = dict(pipe.scheduler.config)
+    context = _MetadataContext.build(job)
+    if job.checkpoint:
+        pipe.load_lora_weights(job.checkpoint.lora_dir, weight_name=DIFFUSERS_FILE, adapter_name=ADAPTER)
+    progress = tqdm(total=len(todo), desc=f"render {job.render_id}", leave=False)
+    for key, group in itertools.groupby(todo, key=lambda c: (c.lora_weight, c.sampler, c.steps, c.cfg_scale)):
+        weight, sampler, steps, cfg = key
+        if job.checkpoint:
+            pipe.set_adapters([ADAPTER], adapter_weights=[weight])
+        cells = list(group)
+        # Stochastic SDE samplers seed their noise sampler per scheduler instance: one image per call.
+        batch = 1 if resolve_sampler(sampler).stochastic else MAX_BATCH
+        for start in range(0, len(cells), batch):
+            chunk = cells[start : start + batch]
+            pipe.scheduler = make_scheduler(sampler, base_config, seed=chunk[0].seed)
+            t0 = time.perf_counter()
+            images = pipe(
+                prompt=[c.prompt for c in chunk], negative_prompt=[job.negative_prompt] * len(chunk),
+                num_inference_steps=steps, guidance_scale=cfg, width=job.width, height=job.height,
+                generator=[torch.Generator(device="cpu").manual_seed(c.seed) for c in chunk],
+            ).images
+            per_image = (time.perf_counter() - t0) / len(chunk)
+            for cell, image in zip(chunk, images):
+                _save_png(image, out_dir / f"{image_id(job, cell)}.png", context.parameters(job, cell),
+                          {"image_id": image_id(job, cell), "render_id": job.render_id, "render_s": per_image,
+                           "run_id": job.checkpoint.run_id if job.checkpoint else None,
+                           "checkpoint_id": job.checkpoint.checkpoint_id if job.checkpoint else None})
+            progress.update(len(chunk))
+    progress.close()
+
+
+@dataclass(frozen=True)
+class _MetadataContext:
+    """Hashes and names written into every PNG's A1111 `parameters` chunk."""
+
+    model_hash: str
+    lora_name: str | None
+    lora_hash: str | None
+
+    @classmethod
+    def build(cls, job: RenderJobSpec) -> _MetadataContext:
+        if not job.checkpoint:
+            return cls(model_hash(job.base_model_path), None, None)
+        kohya = Path(job.checkpoint.lora_dir) / f"{job.checkpoint.checkpoint_id}.safetensors"
+        return cls(model_hash(job.base_model_path), job.checkpoint.checkpoint_id, model_hash(str(kohya)))
+
+    def parameters(self, job: RenderJobSpec, cell: Cell) -> ImageParameters:
+        loras = ((self.lora_name, cell.lora_weight, self.lora_hash),) if self.lora_name else ()
+        sampler = resolve_sampler(cell.sampler)
+        return ImageParameters(
+            prompt=cell.prompt, negative_prompt=job.negative_prompt, steps=cell.steps,
+            sampler=sampler.a1111_sampler, schedule_type=sampler.a1111_schedule_type, cfg_scale=cell.cfg_scale,
+            seed=cell.seed, width=job.width, height=job.height, model_hash=self.model_hash,
+            model_name=job.base_model.name, loras=loras, version=f"lora-sweep {lora_sweep_version()}", extra={},
+        )
+
+
+def _save_png(image: Image.Image, path: Path, params: ImageParameters, ids: dict[str, object]) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            image.save(handle, format="PNG", pnginfo=png_info(params, ids))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _image_row(job: RenderJobSpec, cell: Cell, path: Path) -> dict[str, object]:
+    _, ours = read_png_parameters(path)
+    ckpt = job.checkpoint
+    return {
+        "sweep_id": job.sweep_id, "image_id": image_id(job, cell), "render_id": job.render_id,
+        "base_model": job.base_model.name, "run_id": ckpt.run_id if ckpt else None,
+        "checkpoint_id": ckpt.checkpoint_id if ckpt else None, "rank": ckpt.rank if ckpt else None,
+        "checkpoint_step": ckpt.step if ckpt else None, "sampler": cell.sampler, "steps": cell.steps,
+        "lora_weight": cell.lora_weight if ckpt else 0.0, "cfg_scale": cell.cfg_scale,
+        "prompt_index": cell.prompt_index, "prompt": cell.prompt, "negative_prompt": job.negative_prompt,
+        "seed": cell.seed, "width": job.width, "height": job.height, "path": str(path),
+        "render_s": float(ours.get("render_s", 0.0)),
+    }

@@ -1,0 +1,211 @@
+"""LoRA training for one run: an explicit loop you can read top to bottom.
+
+VAE latents and text embeddings are computed once (both encoders are frozen), then each step
+adds noise at a random timestep, predicts it with the LoRA-adapted UNet and takes an AdamW
+step on the LoRA parameters only. A checkpoint is written at every requested step.
+"""
+
+from __future__ import annotations
+
+import logging
+import resource
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler
+from peft import LoraConfig
+from tqdm.auto import tqdm
+
+from storage.layout import SweepLayout
+from storage.parquet_io import write_rows
+from tasks.base_model import load_pipeline
+from tasks.checkpoint_io import checkpoint_complete, save_checkpoint
+from tasks.dataset import DatasetItem, load_training_image, scan_dataset
+from tasks.plan import CheckpointRef, TrainingRunSpec, checkpoint_id
+
+log = logging.getLogger(__name__)
+ADAPTER = "default"
+
+
+@dataclass(frozen=True)
+class TrainingResult:
+    """What the flow needs to schedule renders: the run id, status and its checkpoints."""
+
+    run_id: str
+    status: str
+    checkpoints: tuple[CheckpointRef, ...]
+    error: str | None = None
+
+
+def train_lora(run: TrainingRunSpec) -> TrainingResult:
+    """Train one run unless its results already exist; a failure is recorded as a failed run row."""
+    layout = SweepLayout(Path(run.sweep_root))
+    if _already_done(run, layout):
+        log.info("run %s: finished earlier, skipping", run.run_id)
+        return TrainingResult(run.run_id, "completed", _checkpoint_refs(run, layout))
+    started = datetime.now(timezone.utc)
+    try:
+        stats = _train(run, layout)
+    except Exception as err:
+        _write_run_row(run, layout, started, status="failed", error=f"{type(err).__name__}: {err}", stats={})
+        raise
+    _write_run_row(run, layout, started, status="completed", error=None, stats=stats)
+    return TrainingResult(run.run_id, "completed", _checkpoint_refs(run, layout))
+
+
+def _train(run: TrainingRunSpec, layout: SweepLayout) -> dict[str, float]:
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    items = scan_dataset(Path(run.dataset_path), caption_extension=run.dataset.caption_extension)
+    pipe = load_pipeline(run.base_model_path, config=run.base_model.config, device=device)
+    checkpoint_rows: list[dict[str, object]] = []
+    losses: list[float] = []
+    t0 = time.perf_counter()
+
+    def on_checkpoint(step: int) -> None:
+        checkpoint_rows.append(_save(run, layout, pipe.unet, step, losses, time.perf_counter() - t0))
+
+    params = fit_lora(pipe, run, items, device=device, losses=losses, on_checkpoint=on_checkpoint)
+    wall = time.perf_counter() - t0
+    loss_rows = [{"sweep_id": run.sweep_id, "run_id": run.run_id, "step": step, "loss": loss,
+                  "learning_rate": run.learning_rate} for step, loss in enumerate(losses, start=1)]
+    write_rows("losses", loss_rows, layout.table_file("losses", run.run_id))
+    write_rows("checkpoints", checkpoint_rows, layout.table_file("checkpoints", run.run_id))
+    return {
+        "wall_time_s": wall,
+        "steps_per_s": run.max_steps / wall,
+        "trainable_params": params,
+        "num_images": len(items),
+        "peak_memory_mb": _peak_memory_mb(device),
+    }
+
+
+def fit_lora(pipe, run: TrainingRunSpec, items: list[DatasetItem], *, device: str, losses: list[float],
+             on_checkpoint: Callable[[int], None]) -> int:
+    """Add a LoRA adapter to `pipe.unet` and train it in place; returns the trainable parameter count.
+
+    Appends each step's loss to `losses` and calls `on_checkpoint(step)` at every checkpoint step.
+    """
+    torch.manual_seed(run.seed)
+    unet, vae, text_encoder, tokenizer = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    for module in (unet, vae, text_encoder):
+        module.requires_grad_(False)
+
+    # Both encoders are frozen, so each image and caption is encoded once, not once per step.
+    generator = torch.Generator(device="cpu").manual_seed(run.seed)
+    latents, embeddings = _encode_dataset(items, run.resolution, vae, text_encoder, tokenizer, generator, device)
+
+    unet.add_adapter(
+        LoraConfig(r=run.rank, lora_alpha=run.alpha, init_lora_weights="gaussian",
+                   target_modules=list(run.target_modules)),
+        adapter_name=ADAPTER,
+    )
+    params = [p for p in unet.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=run.learning_rate, weight_decay=1e-2)
+    unet.train()
+
+    progress = tqdm(range(1, run.max_steps + 1), desc=f"train {run.run_id}", leave=False)
+    for step in progress:
+        index = torch.randint(0, len(items), (run.batch_size,), generator=generator)
+        clean = latents[index].to(device)
+        noise = torch.randn(clean.shape, generator=generator).to(device)
+        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (run.batch_size,),
+                                  generator=generator).to(device)
+        noisy = noise_scheduler.add_noise(clean, noise, timesteps)
+        if noise_scheduler.config.prediction_type == "v_prediction":
+            target = noise_scheduler.get_velocity(clean, noise, timesteps)
+        else:
+            target = noise
+
+        prediction = unet(noisy, timesteps, embeddings[index].to(device)).sample
+        loss = F.mse_loss(prediction.float(), target.float())
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"loss became {loss.item()} at step {step}; lower training.learning_rate")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+        losses.append(float(loss.item()))
+        progress.set_postfix(loss=f"{losses[-1]:.4f}")
+        if step in run.checkpoint_steps:
+            on_checkpoint(step)
+            log.info("run %s: checkpoint at step %d (loss %.4f)", run.run_id, step, losses[-1])
+    unet.eval()
+    return sum(p.numel() for p in params)
+
+
+def _encode_dataset(items: list[DatasetItem], resolution: int, vae, text_encoder, tokenizer,
+                    generator: torch.Generator, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """VAE latents (scaled) and text-encoder hidden states for every training example."""
+    pixels = torch.stack([
+        torch.from_numpy(load_training_image(item.path, resolution)).permute(2, 0, 1) for item in items
+    ])
+    tokens = tokenizer([item.caption for item in items], padding="max_length", truncation=True,
+                       max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
+    with torch.no_grad():
+        latents = []
+        for chunk in pixels.split(8):
+            dist = vae.encode(chunk.to(device, vae.dtype)).latent_dist
+            latents.append(dist.sample(generator=generator).cpu() if device == "cpu" else dist.sample().cpu())
+        embeddings = text_encoder(tokens.to(device))[0].cpu()
+    return torch.cat(latents) * vae.config.scaling_factor, embeddings
+
+
+def _save(run: TrainingRunSpec, layout: SweepLayout, unet, step: int, losses: list[float],
+          elapsed: float) -> dict[str, object]:
+    ckpt_id = checkpoint_id(run.run_id, step)
+    folder = save_checkpoint(run, unet, ADAPTER, step, ckpt_id, layout.checkpoint_dir(run.run_id, step))
+    recent = losses[-20:]
+    return {
+        "sweep_id": run.sweep_id, "run_id": run.run_id, "checkpoint_id": ckpt_id, "step": step,
+        "lora_path": str(folder / "pytorch_lora_weights.safetensors"),
+        "kohya_path": str(folder / f"{ckpt_id}.safetensors"),
+        "train_loss_smoothed": sum(recent) / len(recent), "wall_time_s": elapsed,
+    }
+
+
+def _peak_memory_mb(device: str) -> float:
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux; process-wide
+
+
+def _already_done(run: TrainingRunSpec, layout: SweepLayout) -> bool:
+    row_file = layout.table_file("runs", run.run_id)
+    if not row_file.exists():
+        return False
+    import pyarrow.parquet as pq
+
+    status = pq.read_table(row_file, columns=["status"]).column("status").to_pylist()
+    return status == ["completed"] and all(
+        checkpoint_complete(layout.checkpoint_dir(run.run_id, s)) for s in run.checkpoint_steps
+    )
+
+
+def _checkpoint_refs(run: TrainingRunSpec, layout: SweepLayout) -> tuple[CheckpointRef, ...]:
+    return tuple(
+        CheckpointRef(run_id=run.run_id, checkpoint_id=checkpoint_id(run.run_id, s), step=s, rank=run.rank,
+                      lora_dir=str(layout.checkpoint_dir(run.run_id, s)))
+        for s in run.checkpoint_steps
+    )
+
+
+def _write_run_row(run: TrainingRunSpec, layout: SweepLayout, started: datetime, *, status: str,
+                   error: str | None, stats: dict[str, float]) -> None:
+    finished = datetime.now(timezone.utc)
+    row = {
+        "sweep_id": run.sweep_id, "run_id": run.run_id, "base_model": run.base_model.name,
+        "base_model_path": run.base_model_path, "rank": run.rank, "alpha": run.alpha,
+        "learning_rate": run.learning_rate, "max_steps": run.max_steps, "batch_size": run.batch_size,
+        "resolution": run.resolution, "seed": run.seed, "status": status, "error": error,
+        "num_images": stats.get("num_images"), "trainable_params": stats.get("trainable_params"),
+        "steps_per_s": stats.get("steps_per_s"), "peak_memory_mb": stats.get("peak_memory_mb"),
+        "wall_time_s": stats.get("wall_time_s", (finished - started).total_seconds()),
+        "started_at": started, "finished_at": finished, "run_dir": str(layout.run_dir(run.run_id)),
+    }
+    write_rows("runs", [row], layout.table_file("runs", run.run_id))

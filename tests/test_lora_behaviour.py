@@ -1,0 +1,116 @@
+"""LoRA behaviour on the tiny model: determinism, weight 0 equals no LoRA, save/reload fidelity,
+a strong LoRA changes pixels, and the exact files each checkpoint writes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+
+from tasks.base_model import load_pipeline
+from tasks.checkpoint_io import DIFFUSERS_FILE, checkpoint_files
+from tasks.dataset import scan_dataset
+from tasks.inputs import prepare_inputs
+from tasks.plan import training_runs
+from tasks.spec import parse_spec
+from tasks.train import fit_lora, train_lora
+from tests.conftest import small_sweep_data
+
+PROMPT = "a photo of zqx"
+
+
+def render(pipe, seed: int = 7, steps: int = 4) -> np.ndarray:
+    return pipe(PROMPT, num_inference_steps=steps, guidance_scale=7.0, width=64, height=64, output_type="np",
+                generator=torch.Generator().manual_seed(seed)).images[0]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory):
+    out = tmp_path_factory.mktemp("behaviour")
+    spec = parse_spec(small_sweep_data(out, ranks=[4], alpha=2.0, max_steps=30, checkpoint_steps=[30],
+                                       learning_rate=2e-2))
+    inputs = prepare_inputs(spec)
+    run = training_runs(spec, inputs.model_paths, inputs.dataset_path, inputs.dataset_fingerprint)[0]
+    return spec, inputs, run
+
+
+@pytest.fixture(scope="module")
+def trained(setup):
+    """A strong LoRA trained in memory, and the same run trained and saved by the task."""
+    _, inputs, run = setup
+    pipe = load_pipeline(inputs.model_paths["tiny-sd15"])
+    pipe.set_progress_bar_config(disable=True)
+    items = scan_dataset(Path(inputs.dataset_path))
+    fit_lora(pipe, run, items, device="cpu", losses=[], on_checkpoint=lambda step: None)
+    result = train_lora(run)
+    return pipe, result
+
+
+def test_same_seed_gives_identical_pixels(tiny_pipeline) -> None:
+    tiny_pipeline.set_progress_bar_config(disable=True)
+    assert np.array_equal(render(tiny_pipeline, seed=3), render(tiny_pipeline, seed=3))
+    assert not np.array_equal(render(tiny_pipeline, seed=3), render(tiny_pipeline, seed=4))
+
+
+def test_weight_zero_equals_no_lora(trained, setup) -> None:
+    _, inputs, _ = setup
+    _, result = trained
+    plain = load_pipeline(inputs.model_paths["tiny-sd15"])
+    plain.set_progress_bar_config(disable=True)
+    expected = render(plain)
+    plain.load_lora_weights(result.checkpoints[-1].lora_dir, weight_name=DIFFUSERS_FILE, adapter_name="lora")
+    plain.set_adapters(["lora"], adapter_weights=[0.0])
+    assert np.array_equal(render(plain), expected)
+
+
+def test_strong_lora_changes_the_image(trained, setup) -> None:
+    _, inputs, _ = setup
+    pipe, _ = trained
+    plain = load_pipeline(inputs.model_paths["tiny-sd15"])
+    plain.set_progress_bar_config(disable=True)
+    assert np.abs(render(pipe) - render(plain)).max() > 0.05
+
+
+@pytest.mark.parametrize("fmt", ["diffusers", "kohya"])
+def test_saved_and_reloaded_lora_renders_like_the_trained_one(trained, setup, fmt: str) -> None:
+    _, inputs, run = setup
+    assert run.alpha != run.rank  # a lost alpha would change the scale and the pixels
+    pipe, result = trained
+    ckpt = result.checkpoints[-1]
+    weight_name = DIFFUSERS_FILE if fmt == "diffusers" else f"{ckpt.checkpoint_id}.safetensors"
+    fresh = load_pipeline(inputs.model_paths["tiny-sd15"])
+    fresh.set_progress_bar_config(disable=True)
+    fresh.load_lora_weights(ckpt.lora_dir, weight_name=weight_name, adapter_name="reloaded")
+    np.testing.assert_allclose(render(fresh), render(pipe), atol=1e-5)
+
+
+def test_each_checkpoint_writes_exactly_its_files(trained) -> None:
+    _, result = trained
+    for ckpt in result.checkpoints:
+        assert {p.name for p in Path(ckpt.lora_dir).iterdir()} == checkpoint_files(ckpt.checkpoint_id)
+
+
+def test_kohya_file_has_real_alpha_and_metadata(trained, setup) -> None:
+    _, _, run = setup
+    _, result = trained
+    ckpt = result.checkpoints[-1]
+    with safe_open(str(Path(ckpt.lora_dir) / f"{ckpt.checkpoint_id}.safetensors"), "pt") as f:
+        keys = list(f.keys())
+        meta = f.metadata()
+        alphas = {float(f.get_tensor(k)) for k in keys if k.endswith(".alpha")}
+    assert all(k.startswith("lora_unet_") for k in keys)
+    assert any(k.endswith(".lora_down.weight") for k in keys) and any(k.endswith(".lora_up.weight") for k in keys)
+    assert alphas == {run.alpha}
+    assert meta["ss_network_dim"] == str(run.rank) and meta["ss_network_alpha"] == str(run.alpha)
+
+
+def test_finished_run_is_not_retrained(trained, setup) -> None:
+    _, _, run = setup
+    _, result = trained
+    before = {p: p.stat().st_mtime_ns for c in result.checkpoints for p in Path(c.lora_dir).iterdir()}
+    again = train_lora(run)
+    assert again.checkpoints == result.checkpoints
+    assert {p: p.stat().st_mtime_ns for p in before} == before

@@ -1,0 +1,249 @@
+"""The HTML report: built from a fake sweep's Parquet tables, escaped, self-contained, and
+checked in a real headless Chromium (skipped when none is installed)."""
+
+from __future__ import annotations
+
+import html
+import itertools
+import json
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from PIL import Image, ImageDraw
+
+from reports.__main__ import main as reports_main
+from reports.build_report import build_report
+from reports.report_data import load_sweep
+from storage.layout import SweepLayout
+from storage.parquet_io import write_rows
+from tests.browser import BrowserUnavailable, CDPSession, Chromium, broken_images, open_file, screenshot_dirs
+
+SWEEP_ID = "sweep-0001"
+BASE = "tiny-sd15"
+RANKS = (4, 8)
+STEPS = (50, 100)
+SAMPLERS = ("euler", "dpm++ 2m")
+WEIGHTS = (0.5, 1.0)
+SEEDS = (1, 2)
+XSS = "<script>alert(1)</script>"
+PROMPTS = ("a photo of sks cat on a red sofa", XSS)
+ERROR = "RuntimeError: CUDA out of memory.\nTried to allocate 2.00 GiB <b>not bold</b>"
+
+
+def save_png(path: Path, color: tuple[int, int, int], mark: int) -> None:
+    """A small coloured square with a white bar whose width encodes `mark`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image = Image.new("RGB", (32, 32), color)
+    ImageDraw.Draw(image).rectangle((2, 24, 2 + 6 * mark, 29), fill=(255, 255, 255))
+    image.save(path)
+
+
+def run_row(run_id: str, rank: int, status: str, error: str | None, layout: SweepLayout) -> dict[str, Any]:
+    return {
+        "sweep_id": SWEEP_ID, "run_id": run_id, "base_model": BASE, "base_model_path": "/models/tiny",
+        "rank": rank, "alpha": rank / 2, "learning_rate": 1e-4, "max_steps": max(STEPS), "batch_size": 1,
+        "resolution": 32, "seed": 0, "status": status, "error": error, "num_images": 4,
+        "trainable_params": 1000 * rank, "steps_per_s": 35.0, "peak_memory_mb": 512.0,
+        "wall_time_s": 3.0, "started_at": None, "finished_at": None, "run_dir": str(layout.run_dir(run_id)),
+    }
+
+
+def image_row(layout: SweepLayout, n: int, render_id: str, run_id: str | None, rank: int | None,
+              step: int | None, combo: tuple[str, float, int, int]) -> dict[str, Any]:
+    """One image row; even images record a path relative to the sweep root, odd ones absolute."""
+    sampler, weight, seed, prompt_index = combo
+    image_id = f"img-{n:03d}"
+    relative = Path("images") / render_id / f"{image_id}.png"
+    color = ((rank or 0) * 25 % 256, (step or 0) * 2 % 256, 60 + 120 * SAMPLERS.index(sampler) + 30 * seed)
+    save_png(layout.root / relative, color, int(weight * 2) + prompt_index)
+    return {
+        "sweep_id": SWEEP_ID, "image_id": image_id, "render_id": render_id, "base_model": BASE,
+        "run_id": run_id, "checkpoint_id": f"{run_id}-{step}" if run_id else None, "rank": rank,
+        "checkpoint_step": step, "sampler": sampler, "steps": 20, "lora_weight": weight if run_id else 0.0,
+        "cfg_scale": 7.5, "prompt_index": prompt_index, "prompt": PROMPTS[prompt_index],
+        "negative_prompt": "", "seed": seed, "width": 32, "height": 32,
+        "path": str(relative if n % 2 == 0 else layout.root / relative), "render_s": 0.27,
+    }
+
+
+def metric_rows(image: dict[str, Any], baseline_ids: dict[tuple[str, int, int], str]) -> list[dict[str, Any]]:
+    """clip_score peaks at rank 8 step 100; train_l2 (lower is better) at rank 4 step 50."""
+    rank, step = image["rank"] or 0, image["checkpoint_step"] or 0
+    rows = [{"metric": "clip_score", "value": 0.2 + rank / 100 + step / 1000 + image["seed"] / 1e4,
+             "higher_is_better": True, "reference_id": None}]
+    if image["run_id"]:
+        key = (image["sampler"], image["seed"], image["prompt_index"])
+        rows += [
+            {"metric": "train_l2", "value": 1.0 + rank / 10 + step / 100 - image["lora_weight"] / 10,
+             "higher_is_better": False, "reference_id": "dataset/train_00.png"},
+            {"metric": "psnr_to_baseline_db", "value": 30.0 - step / 10,
+             "higher_is_better": True, "reference_id": baseline_ids[key]},
+        ]
+    return [{"sweep_id": SWEEP_ID, "image_id": image["image_id"], **row} for row in rows]
+
+
+def write_images(layout: SweepLayout) -> list[dict[str, Any]]:
+    """Baseline images, then every LoRA checkpoint's grid; one Parquet file per render."""
+    combos = list(itertools.product(SAMPLERS, WEIGHTS, SEEDS, range(len(PROMPTS))))
+    baseline = [image_row(layout, n, "render-base", None, None, None, (s, 0.0, seed, p))
+                for n, (s, seed, p) in enumerate(itertools.product(SAMPLERS, SEEDS, range(len(PROMPTS))))]
+    write_rows("images", baseline, layout.table_file("images", "render-base"))
+    images = list(baseline)
+    for rank, step in itertools.product(RANKS, STEPS):
+        render_id = f"render-r{rank}-s{step}"
+        rows = [image_row(layout, len(images) + i, render_id, f"run-r{rank}", rank, step, combo)
+                for i, combo in enumerate(combos)]
+        write_rows("images", rows, layout.table_file("images", render_id))
+        images += rows
+    return images
+
+
+def make_fake_sweep(root: Path) -> SweepLayout:
+    """A complete small sweep: 2 ranks x 2 steps x 2 samplers x 2 weights x 2 seeds x 2 prompts."""
+    layout = SweepLayout(root)
+    save_png(root / "dataset" / "train_00.png", (200, 120, 40), 3)
+    runs = [run_row(f"run-r{r}", r, "completed", None, layout) for r in RANKS]
+    runs.append(run_row("run-r16", 16, "failed", ERROR, layout))
+    write_rows("runs", runs, layout.table_file("runs", "all"))
+    checkpoints, losses = [], []
+    for rank, step in itertools.product(RANKS, STEPS):
+        ckpt_dir = layout.checkpoint_dir(f"run-r{rank}", step)
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        (ckpt_dir / "pytorch_lora_weights.safetensors").write_bytes(b"fake")
+        (ckpt_dir / "kohya.safetensors").write_bytes(b"fake")
+        checkpoints.append({
+            "sweep_id": SWEEP_ID, "run_id": f"run-r{rank}", "checkpoint_id": f"run-r{rank}-{step}", "step": step,
+            "lora_path": str((ckpt_dir / "pytorch_lora_weights.safetensors").relative_to(root)),
+            "kohya_path": str(ckpt_dir / "kohya.safetensors"), "train_loss_smoothed": 0.1, "wall_time_s": 1.0,
+        })
+    for rank in RANKS:
+        losses += [{"sweep_id": SWEEP_ID, "run_id": f"run-r{rank}", "step": s,
+                    "loss": 0.3 * 0.98**s + 0.05 * ((s * 7919 + rank) % 11) / 11 + 0.01 * rank,
+                    "learning_rate": 1e-4} for s in range(1, max(STEPS) + 1)]
+    write_rows("checkpoints", checkpoints, layout.table_file("checkpoints", "all"))
+    write_rows("losses", losses, layout.table_file("losses", "all"))
+    images = write_images(layout)
+    baseline_ids = {(i["sampler"], i["seed"], i["prompt_index"]): i["image_id"] for i in images if not i["run_id"]}
+    metrics = [row for image in images for row in metric_rows(image, baseline_ids)]
+    write_rows("image_metrics", metrics, layout.table_file("image_metrics", "all"))
+    spec = {"name": "fake-sweep", "sweep_id": SWEEP_ID, "prompts": list(PROMPTS),
+            "provenance": {"git_sha": "0123abcd", "python": "3.11.7",
+                           "versions": {"torch": "2.13.0", "diffusers": "0.36.0", "prefect": "3.8.8"}}}
+    layout.spec_path.write_text(json.dumps(spec), encoding="utf-8")
+    return layout
+
+
+@pytest.fixture()
+def sweep(tmp_path: Path) -> SweepLayout:
+    return make_fake_sweep(tmp_path / "fake-sweep")
+
+
+def grid_data(index_html: str) -> dict[str, Any]:
+    """The JSON blob report.js reads."""
+    match = re.search(r'<script type="application/json" id="report-data">(.*?)</script>', index_html, re.S)
+    assert match, "report-data script missing"
+    return json.loads(match.group(1))
+
+
+def test_prompt_and_error_are_escaped(sweep: SweepLayout) -> None:
+    text = build_report(sweep.root).read_text(encoding="utf-8")
+    assert XSS not in text
+    assert html.escape(XSS, quote=False) in text
+    assert "&lt;b&gt;not bold&lt;/b&gt;" in text
+    blob = re.search(r'id="report-data">(.*?)</script>', text, re.S).group(1)
+    assert "</" not in blob and "<" not in blob
+    prompt_axis = next(axis for axis in grid_data(text)["axes"] if axis["name"] == "prompt")
+    assert XSS in prompt_axis["titles"]
+
+
+def test_every_referenced_file_exists(sweep: SweepLayout) -> None:
+    index = build_report(sweep.root)
+    text = index.read_text(encoding="utf-8")
+    data = grid_data(text)
+    assert len(data["images"]) == 8 + 2 * 2 * 2 * 2 * 2 * 2
+    srcs = {image["src"] for image in data["images"]}
+    srcs |= {m["ref"]["src"] for image in data["images"] for m in image["metrics"] if m["ref"] and m["ref"]["src"]}
+    links = set(re.findall(r'(?:src|href)="([^"#:]+)"', text))
+    assert "report.js" in links and "report.css" in links
+    assert any(link.endswith("pytorch_lora_weights.safetensors") for link in links)
+    for link in srcs | links:
+        assert not Path(link).is_absolute(), link
+        assert (index.parent / html.unescape(link)).is_file(), link
+    assert all(src.startswith("../images/") for src in {i["src"] for i in data["images"]})
+
+
+def test_summary_failures_and_best(sweep: SweepLayout) -> None:
+    text = build_report(sweep.root).read_text(encoding="utf-8")
+    assert "RuntimeError: CUDA out of memory." in text and 'id="failed"' in text
+    assert "0123abcd" in text and "2.13.0" in text
+    assert text.count("<polyline") == 4  # two runs, raw + smoothed
+    best = {row["metric"]: row for row in load_sweep(sweep.root).best}
+    assert (best["clip_score"]["rank"], best["clip_score"]["step"]) == (8, 100)
+    assert (best["train_l2"]["rank"], best["train_l2"]["step"]) == (4, 50)
+    assert (best["psnr_to_baseline_db"]["rank"], best["psnr_to_baseline_db"]["step"]) == (4, 50)
+
+
+def test_empty_and_partial_sweeps_build(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    empty = build_report(tmp_path / "empty")
+    assert "No images rendered yet" in empty.read_text(encoding="utf-8")
+    partial = SweepLayout(tmp_path / "partial")
+    write_rows("runs", [run_row("run-x", 4, "failed", "boom", partial)], partial.table_file("runs", "x"))
+    text = build_report(partial.root).read_text(encoding="utf-8")
+    assert "boom" in text and "No training loss recorded yet" in text
+
+
+def test_cli_rebuilds_report(sweep: SweepLayout, capsys: pytest.CaptureFixture[str]) -> None:
+    assert reports_main([str(sweep.root)]) == 0
+    assert Path(capsys.readouterr().out.strip()) == sweep.report_dir / "index.html"
+    assert sorted(p.name for p in sweep.report_dir.iterdir()) == ["index.html", "report.css", "report.js"]
+
+
+HEADERS_JS = "Array.from(document.querySelectorAll('#grids thead th.col')).map(t => t.textContent)"
+SET_X_JS = """(() => { const s = document.getElementById('axis-x'); s.value = '%s';
+  s.dispatchEvent(new Event('change', {bubbles: true})); return s.value; })()"""
+
+
+@pytest.fixture()
+def page() -> Iterator[CDPSession]:
+    """A headless Chromium page; skips (printing why) when Chromium is missing or cannot start."""
+    try:
+        browser = Chromium(width=1400, height=1000)
+        session = browser.start()
+    except BrowserUnavailable as error:
+        print(f"browser test skipped: {error}")
+        pytest.skip(str(error))
+    try:
+        yield session
+    finally:
+        browser.stop()
+
+
+@pytest.mark.timeout(60)
+def test_report_in_headless_chromium(sweep: SweepLayout, page: CDPSession, tmp_path: Path) -> None:
+    index = build_report(sweep.root)
+    open_file(page, index)
+    assert page.evaluate("document.images.length") == 4  # 2 ranks x 2 checkpoint steps
+    assert broken_images(page) == []
+    assert page.evaluate(HEADERS_JS) == ["50", "100"]  # default X: checkpoint step
+    assert page.evaluate(SET_X_JS % "sampler") == "sampler"
+    assert page.evaluate(HEADERS_JS) == sorted(SAMPLERS)
+    assert page.evaluate(SET_X_JS % "prompt") == "prompt"
+    assert XSS in page.evaluate(HEADERS_JS)  # shown as text, never run
+    assert broken_images(page) == []
+    assert page.evaluate("document.body.innerText.includes('CUDA out of memory')")
+    for folder in screenshot_dirs(tmp_path):
+        page.screenshot(folder / "report.png")
+    page.evaluate("document.querySelector('#grids a.thumb').click()")
+    assert page.evaluate("document.getElementById('viewer').open")
+    assert "train_l2" in page.evaluate("document.getElementById('viewer-metrics').innerText")
+    assert broken_images(page) == []  # the viewer's image and the metrics' reference images
+    for folder in screenshot_dirs(tmp_path):
+        page.screenshot(folder / "report-viewer.png", full_page=False)
+    assert page.console_errors() == []
+    assert not [e for e in page.events if e["method"] == "Page.javascriptDialogOpening"]
+    assert (tmp_path / "report.png").stat().st_size > 10_000
+
