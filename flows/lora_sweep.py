@@ -80,7 +80,7 @@ def lora_sweep(spec_path: str = "sweeps/demo.toml"):
                              description=f"lora-sweep {spec.name}")
     logger.info("sweep %s finished in %.1f s: report %s", spec.name, wall, report)
     if failures:
-        return Failed(message=f"{len(failures)} part(s) of the sweep failed: " + "; ".join(failures), data=summary)
+        return Failed(message=f"{len(failures)} part(s) of the sweep failed: " + "; ".join(failures))
     return summary
 
 

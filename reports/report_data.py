@@ -13,6 +13,7 @@ from typing import Any
 
 import duckdb
 
+from storage.catalog import Manifest, table_sql
 from storage.layout import SweepLayout
 from storage.schema import TABLES
 
@@ -48,10 +49,17 @@ class SweepData:
 
 
 def open_catalog(layout: SweepLayout) -> duckdb.DuckDBPyConnection:
-    """An in-memory DuckDB with one view per table (never locks the sweep's catalog.duckdb)."""
+    """An in-memory DuckDB with one view per table (never locks the sweep's catalog.duckdb).
+
+    With a manifest (written by the flow) the views name exactly the current sweep's files;
+    without one, every Parquet file under the sweep's tables/ folder is read.
+    """
     con = duckdb.connect()
+    manifest = Manifest.read(layout) if (layout.root / "manifest.json").exists() else None
     for table, schema in TABLES.items():
-        if any(layout.table_dir(table).glob("*.parquet")):
+        if manifest is not None:
+            con.execute(f"CREATE VIEW {table} AS {table_sql(layout, manifest, table)}")
+        elif any(layout.table_dir(table).glob("*.parquet")):
             glob = layout.table_glob(table).replace("'", "''")
             con.execute(
                 f"CREATE VIEW {table} AS SELECT * FROM read_parquet('{glob}', union_by_name = true)"

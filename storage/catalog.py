@@ -95,13 +95,13 @@ def build_catalog(layout: SweepLayout, manifest: Manifest | None = None) -> Path
     try:
         con = duckdb.connect(tmp)
         try:
+            con.execute("CREATE TABLE catalog_info AS SELECT ?::VARCHAR AS sweep_id, ?::INTEGER AS schema_version, "
+                        "?::BOOLEAN AS zero_weight_in_grid", [manifest.sweep_id, SCHEMA_VERSION,
+                                                            manifest.zero_weight_in_grid])
             for table in TABLES:
                 con.execute(f"CREATE VIEW {table} AS {table_sql(layout, manifest, table)}")
             for view in DERIVED_VIEWS:
                 con.execute(f"CREATE VIEW {view} AS {(VIEWS_DIR / f'{view}.sql').read_text()}")
-            con.execute("CREATE TABLE catalog_info AS SELECT ?::VARCHAR AS sweep_id, ?::INTEGER AS schema_version, "
-                        "?::BOOLEAN AS zero_weight_in_grid", [manifest.sweep_id, SCHEMA_VERSION,
-                                                            manifest.zero_weight_in_grid])
         finally:
             con.close()
         os.replace(tmp, layout.catalog_path)

@@ -8,6 +8,7 @@ offline single-file loading needs. Pickled weights (.ckpt/.pt/.bin) are refused:
 from __future__ import annotations
 
 import hashlib
+import threading
 from functools import lru_cache
 from pathlib import Path
 
@@ -32,6 +33,10 @@ CHECKPOINT_PREFIXES = {  # component -> key prefixes an original SD 1.x/2.x sing
 }
 FOLDER_LAYOUT = "a diffusers folder needs model_index.json, unet/, vae/, text_encoder/ and tokenizer/"
 HASH_CHUNK = 1 << 20
+# Model loading (diffusers, transformers, accelerate) briefly builds modules on the meta device
+# through process-wide patches; two threads doing it at once corrupt each other's modules.
+# Hold this lock while loading a pipeline or adding/loading a LoRA adapter.
+MODEL_BUILD_LOCK = threading.RLock()
 
 
 def validate_base_model(path: str, config: str | None = None) -> list[str]:
@@ -134,15 +139,18 @@ def load_pipeline(
     if problems:
         raise ValueError("invalid base model:\n" + "\n".join(f"- {p}" for p in problems))
     no_safety = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+    with MODEL_BUILD_LOCK:
+        return _load(path, config, torch_dtype, no_safety).to(device)
+
+
+def _load(path: str, config: str | None, torch_dtype: torch.dtype, no_safety: dict) -> StableDiffusionPipeline:
     if Path(path).is_dir():
-        pipe = StableDiffusionPipeline.from_pretrained(
+        return StableDiffusionPipeline.from_pretrained(
             path, torch_dtype=torch_dtype, local_files_only=True, use_safetensors=True, **no_safety
         )
-    else:
-        pipe = StableDiffusionPipeline.from_single_file(
-            path, config=config, torch_dtype=torch_dtype, local_files_only=True, **no_safety
-        )
-    return pipe.to(device)
+    return StableDiffusionPipeline.from_single_file(
+        path, config=config, torch_dtype=torch_dtype, local_files_only=True, **no_safety
+    )
 
 
 def model_hash(path: str) -> str:

@@ -10,7 +10,6 @@ found again on a re-run, so an interrupted job only renders what is missing.
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import os
 import tempfile
@@ -24,7 +23,7 @@ from tqdm.auto import tqdm
 
 from storage.layout import SweepLayout
 from storage.parquet_io import write_rows
-from tasks.base_model import load_pipeline, model_hash
+from tasks.base_model import MODEL_BUILD_LOCK, load_pipeline, model_hash
 from tasks.checkpoint_io import DIFFUSERS_FILE
 from tasks.png_metadata import ImageParameters, png_info, read_png_parameters
 from tasks.plan import RenderJobSpec
@@ -95,18 +94,18 @@ def _render_missing(job: RenderJobSpec, todo: list[Cell], out_dir: Path) -> None
     base_config = dict(pipe.scheduler.config)
     context = _MetadataContext.build(job)
     if job.checkpoint:
-        pipe.load_lora_weights(job.checkpoint.lora_dir, weight_name=DIFFUSERS_FILE, adapter_name=ADAPTER)
+        with MODEL_BUILD_LOCK:
+            pipe.load_lora_weights(job.checkpoint.lora_dir, weight_name=DIFFUSERS_FILE, adapter_name=ADAPTER)
     progress = tqdm(total=len(todo), desc=f"render {job.render_id}", leave=False)
     for key, group in itertools.groupby(todo, key=lambda c: (c.lora_weight, c.sampler, c.steps, c.cfg_scale)):
         weight, sampler, steps, cfg = key
         if job.checkpoint:
             pipe.set_adapters([ADAPTER], adapter_weights=[weight])
         cells = list(group)
-        # Stochastic SDE samplers seed their noise sampler per scheduler instance: one image per call.
-        batch = 1 if resolve_sampler(sampler).stochastic else MAX_BATCH
-        for start in range(0, len(cells), batch):
-            chunk = cells[start : start + batch]
-            pipe.scheduler = make_scheduler(sampler, base_config, seed=chunk[0].seed)
+        for start in range(0, len(cells), MAX_BATCH):
+            chunk = cells[start : start + MAX_BATCH]
+            # One seed per image: SDE samplers get a noise sampler per image, so no pixel depends on the batch.
+            pipe.scheduler = make_scheduler(sampler, base_config, seed=[c.seed for c in chunk])
             t0 = time.perf_counter()
             images = pipe(
                 prompt=[c.prompt for c in chunk], negative_prompt=[job.negative_prompt] * len(chunk),

@@ -12,7 +12,6 @@ import difflib
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from functools import lru_cache
 from types import MappingProxyType
 from typing import Any
 
@@ -79,6 +78,7 @@ def _entry(
     name: str, cls: str, options: Mapping[str, Any], a1111: tuple[str, str],
     stochastic: bool = False, seed_option: str | None = None,
 ) -> SamplerDef:
+    """A registry entry with read-only options, so no caller can change a sampler for everyone."""
     return SamplerDef(name, cls, MappingProxyType(dict(options)), a1111[0], a1111[1], stochastic, seed_option)
 
 
@@ -183,7 +183,7 @@ def make_scheduler(
     definition = sampler if isinstance(sampler, SamplerDef) else resolve_sampler(sampler)
     options = scheduler_options(definition, seed)
     config = {k: v for k, v in base_scheduler_config.items() if k not in _VARIANT_KEYS}
-    scheduler = copy.deepcopy(_template(definition, json.dumps(config, sort_keys=True)))
+    scheduler = copy.deepcopy(_template(definition, config))
     if definition.seed_option is not None:
         # DPMSolverSDEScheduler reads the attribute; the config copy keeps the seed in provenance.
         setattr(scheduler, definition.seed_option, options[definition.seed_option])
@@ -191,19 +191,27 @@ def make_scheduler(
     return scheduler
 
 
-@lru_cache(maxsize=64)
-def _template(definition: SamplerDef, config_json: str) -> SchedulerMixin:
-    """An unseeded scheduler per (sampler, base config): DPM++ SDE's constructor alone takes ~50 ms."""
-    options = {k: v for k, v in definition.options.items() if k != definition.seed_option}
-    scheduler_class = getattr(diffusers, definition.scheduler_class)
-    return scheduler_class.from_config(json.loads(config_json), **options)
+_TEMPLATES: dict[tuple[str, str], SchedulerMixin] = {}
+_MAX_TEMPLATES = 64
+
+
+def _template(definition: SamplerDef, config: Mapping[str, Any]) -> SchedulerMixin:
+    """An unseeded scheduler per (sampler, base config), built once: DPM++ SDE's constructor takes ~50 ms."""
+    key = (definition.name, json.dumps(config, sort_keys=True, default=repr))
+    if key not in _TEMPLATES:
+        if len(_TEMPLATES) >= _MAX_TEMPLATES:
+            _TEMPLATES.clear()
+        options = {k: v for k, v in definition.options.items() if k != definition.seed_option}
+        _TEMPLATES[key] = getattr(diffusers, definition.scheduler_class).from_config(dict(config), **options)
+    return _TEMPLATES[key]
 
 
 def scheduler_call_kwargs(sampler: SamplerDef, seed: int | Sequence[int]) -> dict[str, Any]:
     """Pipeline-call keyword arguments that seed one image (an int) or a batch (one seed per image).
 
     Every sampler draws its initial latents, and ancestral/SDE step noise, from these CPU generators,
-    so pixels do not depend on the device or the batch. DPM++ SDE also needs make_scheduler(seed=...).
+    so pixels do not depend on the device or the batch. DPM++ SDE also needs make_scheduler(seed=...);
+    `sampler` is taken so every call site reads the same should a sampler ever need more.
     """
     if not isinstance(seed, Sequence):
         return {"generator": torch.Generator(device="cpu").manual_seed(int(seed))}

@@ -201,7 +201,11 @@ def parse_spec(data: dict[str, Any], source: str = "<spec>") -> SweepSpec:
     try:
         return SweepSpec.model_validate(data)
     except ValidationError as err:
-        raise SpecError(source, [_format_error(e) for e in err.errors()]) from None
+        errors = err.errors()
+        # pydantic also reports a list as too short once a bad item is dropped; the item's error says it all.
+        item_locs = {e["loc"][:-1] for e in errors if e["loc"] and isinstance(e["loc"][-1], int)}
+        errors = [e for e in errors if not (e["type"] == "too_short" and e["loc"] in item_locs)]
+        raise SpecError(source, [_format_error(e) for e in errors]) from None
 
 
 def load_spec(path: str | Path) -> SweepSpec:

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from storage.layout import SweepLayout
 from storage.parquet_io import write_rows
-from tasks.base_model import load_pipeline
+from tasks.base_model import MODEL_BUILD_LOCK, load_pipeline
 from tasks.checkpoint_io import checkpoint_complete, save_checkpoint
 from tasks.dataset import DatasetItem, load_training_image, scan_dataset
 from tasks.plan import CheckpointRef, TrainingRunSpec, checkpoint_id
@@ -100,11 +100,12 @@ def fit_lora(pipe, run: TrainingRunSpec, items: list[DatasetItem], *, device: st
     generator = torch.Generator(device="cpu").manual_seed(run.seed)
     latents, embeddings = _encode_dataset(items, run.resolution, vae, text_encoder, tokenizer, generator, device)
 
-    unet.add_adapter(
-        LoraConfig(r=run.rank, lora_alpha=run.alpha, init_lora_weights="gaussian",
-                   target_modules=list(run.target_modules)),
-        adapter_name=ADAPTER,
-    )
+    with MODEL_BUILD_LOCK:
+        unet.add_adapter(
+            LoraConfig(r=run.rank, lora_alpha=run.alpha, init_lora_weights="gaussian",
+                       target_modules=list(run.target_modules)),
+            adapter_name=ADAPTER,
+        )
     params = [p for p in unet.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=run.learning_rate, weight_decay=1e-2)
     unet.train()

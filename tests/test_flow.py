@@ -94,6 +94,7 @@ def test_flow_runs_end_to_end_with_expected_rows(prefect_harness, tmp_path: Path
     assert con.execute("SELECT count(*) FROM checkpoints").fetchone()[0] == len(t["ranks"]) * len(t["checkpoint_steps"])
     assert con.execute("SELECT count(*) FROM losses").fetchone()[0] == len(t["ranks"]) * t["max_steps"]
     paths = [row[0] for row in con.execute("SELECT DISTINCT path FROM grid").fetchall()]
+    con.close()
     assert len(paths) == rendered and all(Path(p).is_file() for p in paths)
     assert Path(summary["report"]).is_file()
 

@@ -10,6 +10,7 @@ import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 import pytest
 from PIL import Image, ImageDraw
@@ -171,7 +172,7 @@ def test_every_referenced_file_exists(sweep: SweepLayout) -> None:
     assert any(link.endswith("pytorch_lora_weights.safetensors") for link in links)
     for link in srcs | links:
         assert not Path(link).is_absolute(), link
-        assert (index.parent / html.unescape(link)).is_file(), link
+        assert (index.parent / unquote(html.unescape(link))).is_file(), link
     assert all(src.startswith("../images/") for src in {i["src"] for i in data["images"]})
 
 
@@ -203,8 +204,9 @@ def test_cli_rebuilds_report(sweep: SweepLayout, capsys: pytest.CaptureFixture[s
 
 
 HEADERS_JS = "Array.from(document.querySelectorAll('#grids thead th.col')).map(t => t.textContent)"
-SET_X_JS = """(() => { const s = document.getElementById('axis-x'); s.value = '%s';
+SET_AXIS_JS = """(() => { const s = document.getElementById('axis-%s'); s.value = '%s';
   s.dispatchEvent(new Event('change', {bubbles: true})); return s.value; })()"""
+GRID_TITLES_JS = "Array.from(document.querySelectorAll('#grids .z-title')).map(t => t.textContent)"
 
 
 @pytest.fixture()
@@ -229,9 +231,12 @@ def test_report_in_headless_chromium(sweep: SweepLayout, page: CDPSession, tmp_p
     assert page.evaluate("document.images.length") == 4  # 2 ranks x 2 checkpoint steps
     assert broken_images(page) == []
     assert page.evaluate(HEADERS_JS) == ["50", "100"]  # default X: checkpoint step
-    assert page.evaluate(SET_X_JS % "sampler") == "sampler"
+    assert page.evaluate(SET_AXIS_JS % ("x", "sampler")) == "sampler"
     assert page.evaluate(HEADERS_JS) == sorted(SAMPLERS)
-    assert page.evaluate(SET_X_JS % "prompt") == "prompt"
+    assert page.evaluate(SET_AXIS_JS % ("z", "seed")) == "seed"
+    assert page.evaluate(GRID_TITLES_JS) == ["seed = 1", "seed = 2"]
+    assert page.evaluate(SET_AXIS_JS % ("z", "")) == ""
+    assert page.evaluate(SET_AXIS_JS % ("x", "prompt")) == "prompt"
     assert XSS in page.evaluate(HEADERS_JS)  # shown as text, never run
     assert broken_images(page) == []
     assert page.evaluate("document.body.innerText.includes('CUDA out of memory')")
@@ -243,6 +248,13 @@ def test_report_in_headless_chromium(sweep: SweepLayout, page: CDPSession, tmp_p
     assert broken_images(page) == []  # the viewer's image and the metrics' reference images
     for folder in screenshot_dirs(tmp_path):
         page.screenshot(folder / "report-viewer.png", full_page=False)
+    page.evaluate("document.getElementById('viewer-close').click()")
+    assert page.evaluate(SET_AXIS_JS % ("x", "rank")) == "rank"  # Y had rank: it takes X's old axis
+    assert page.evaluate("document.getElementById('axis-y').value") == "prompt"
+    empty_root = tmp_path / "empty-sweep"
+    empty_root.mkdir()
+    open_file(page, build_report(empty_root))
+    assert "No images rendered yet" in page.evaluate("document.body.innerText")
     assert page.console_errors() == []
     assert not [e for e in page.events if e["method"] == "Page.javascriptDialogOpening"]
     assert (tmp_path / "report.png").stat().st_size > 10_000

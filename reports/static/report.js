@@ -195,8 +195,8 @@
     link.replaceChildren(img);
     fillTable(document.getElementById("viewer-params"), pairs);
     var metrics = image.metrics.map(function (m) {
-      var value = el("span", "", m.value + " ");
-      value.appendChild(el("span", "muted", m.better));
+      var value = el("span", "metric-value", m.value);
+      value.appendChild(el("span", "muted metric-direction", m.better));
       return [m.name, value, referenceNode(m.ref)];
     });
     fillTable(document.getElementById("viewer-metrics"), metrics.length ? metrics : [["—", "no metrics recorded"]]);
