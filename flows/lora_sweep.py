@@ -43,7 +43,7 @@ def lora_sweep(spec_path: str = "sweeps/demo.toml"):
                                             "spec_path": str(Path(spec_path).resolve())}, indent=2))
 
     runs = training_runs(spec, inputs.model_paths, inputs.dataset_path, inputs.dataset_fingerprint)
-    baselines = render_jobs(spec, inputs.model_paths, [], runs)
+    baselines = render_jobs(spec, inputs.model_paths, [], runs, inputs.dataset_path)
     baseline_futures = render_task.map(baselines)
     train_futures = train_task.map(runs)
 
@@ -60,7 +60,8 @@ def lora_sweep(spec_path: str = "sweeps/demo.toml"):
         if not future.state.is_completed():
             failures.append(f"render {job.render_id}: {future.state.message}")
 
-    jobs = [j for j in render_jobs(spec, inputs.model_paths, checkpoints, runs) if j.checkpoint is not None]
+    jobs = [j for j in render_jobs(spec, inputs.model_paths, checkpoints, runs, inputs.dataset_path)
+            if j.checkpoint is not None]
     render_futures = render_task.map(jobs)
     for job, future in zip(jobs, render_futures):
         future.wait()

@@ -68,6 +68,10 @@ class RenderJobSpec(_Frozen):
     width: int
     height: int
     trigger_word: str
+    baseline_render_id: str | None  # the no-LoRA job of the same base model; None for that job itself
+    dataset_path: str
+    caption_extension: str
+    concept_trigger: str | None  # set when the dataset is the builtin demo world: score its concept
 
 
 def sweep_root(spec: SweepSpec) -> Path:
@@ -113,7 +117,8 @@ def checkpoint_id(run_id: str, step: int) -> str:
 
 
 def render_jobs(
-    spec: SweepSpec, model_paths: dict[str, str], checkpoints: list[CheckpointRef], runs: list[TrainingRunSpec]
+    spec: SweepSpec, model_paths: dict[str, str], checkpoints: list[CheckpointRef], runs: list[TrainingRunSpec],
+    dataset_path: str,
 ) -> list[RenderJobSpec]:
     """A baseline job per base model, then one job per checkpoint of that model's runs."""
     model_of_run = {r.run_id: r.base_model for r in runs}
@@ -129,9 +134,15 @@ def render_jobs(
         height=r.height,
         trigger_word=spec.dataset.trigger_word,
     )
+    scoring = dict(
+        dataset_path=dataset_path,
+        caption_extension=spec.dataset.caption_extension,
+        concept_trigger=spec.dataset.trigger_word if spec.dataset.path == "builtin:demo-world" else None,
+    )
     jobs = []
     for model in spec.base_models:
         mine = [c for c in checkpoints if model_of_run[c.run_id].name == model.name]
+        baseline_id = None
         for ckpt in [None, *mine]:
             weights = (0.0,) if ckpt is None else tuple(w for w in r.lora_weights if w != 0.0)
             if ckpt is not None and not weights:
@@ -139,6 +150,7 @@ def render_jobs(
             identity = {"model": model.model_dump(), "ckpt": ckpt and ckpt.checkpoint_id, "w": weights, **grid}
             tag = f"{model.name}-baseline" if ckpt is None else ckpt.checkpoint_id
             render_id = f"{tag}-{content_id(_jsonable(identity), 10)}"
+            baseline_id = baseline_id or render_id
             jobs.append(
                 RenderJobSpec(
                     render_id=render_id,
@@ -148,7 +160,9 @@ def render_jobs(
                     base_model_path=model_paths[model.name],
                     checkpoint=ckpt,
                     lora_weights=weights,
+                    baseline_render_id=None if ckpt is None else baseline_id,
                     **grid,
+                    **scoring,
                 )
             )
     return jobs

@@ -40,9 +40,13 @@ def train_task(run: TrainingRunSpec):
 
 @task(name="render-grid", task_run_name="render-{job.render_id}", cache_policy=NO_CACHE)
 def render_task(job: RenderJobSpec) -> str:
+    """Render the job's grid, then score its images (each step skips work already on disk)."""
     from tasks.render import render_job
+    from tasks.score import score_job
 
-    return str(render_job(job))
+    images = render_job(job)
+    score_job(job)
+    return str(images)
 
 
 @task(name="build-catalog", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=1)
