@@ -13,11 +13,11 @@ import time
 from pathlib import Path
 
 from prefect import flow, get_run_logger
-from prefect.artifacts import create_markdown_artifact
+from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 from prefect.states import Failed
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from storage.catalog import Manifest
+from storage.catalog import Manifest, connect
 from storage.layout import SweepLayout
 from tasks.plan import CheckpointRef, render_jobs, sweep_root, training_runs
 from tasks.prefect_tasks import (
@@ -39,8 +39,7 @@ def lora_sweep(spec_path: str = "sweeps/demo.toml"):
     inputs = prepare_inputs_task(spec)
     layout = SweepLayout(sweep_root(spec))
     layout.root.mkdir(parents=True, exist_ok=True)
-    layout.spec_path.write_text(json.dumps({"sweep_id": spec.sweep_id(), "spec": spec.model_dump(mode="json"),
-                                            "spec_path": str(Path(spec_path).resolve())}, indent=2))
+    write_resolved_spec(layout, spec, spec_path)
 
     runs = training_runs(spec, inputs.model_paths, inputs.dataset_path, inputs.dataset_fingerprint)
     baselines = render_jobs(spec, inputs.model_paths, [], runs, inputs.dataset_path)
@@ -79,10 +78,33 @@ def lora_sweep(spec_path: str = "sweeps/demo.toml"):
                "failures": failures, "wall_time_s": round(wall, 1)}
     create_markdown_artifact(key="lora-sweep-summary", markdown=_summary_markdown(summary),
                              description=f"lora-sweep {spec.name}")
+    create_link_artifact(key="lora-sweep-report", link=Path(report).resolve().as_uri(),
+                         link_text=f"{spec.name} report", description="self-contained HTML report")
+    best = best_configurations(layout)
+    if best:
+        create_table_artifact(key="lora-sweep-best", table=best, description="best LoRA checkpoint per metric")
     logger.info("sweep %s finished in %.1f s: report %s", spec.name, wall, report)
     if failures:
         return Failed(message=f"{len(failures)} part(s) of the sweep failed: " + "; ".join(failures))
     return summary
+
+
+def best_configurations(layout: SweepLayout) -> list[dict[str, object]]:
+    """Rows of the catalog's best_by_metric view, for the flow run's table artifact."""
+    with connect(layout) as con:
+        cursor = con.execute("SELECT metric, base_model, rank, checkpoint_step, round(mean_value, 4) AS mean_value, "
+                             "kohya_path FROM best_by_metric")
+        names = [c[0] for c in cursor.description]
+        return [dict(zip(names, row)) for row in cursor.fetchall()]
+
+
+def write_resolved_spec(layout: SweepLayout, spec, spec_path: str) -> None:
+    """The resolved spec and its provenance beside the sweep's artifacts."""
+    from tasks.provenance import provenance
+
+    payload = {"sweep_id": spec.sweep_id(), "spec_path": str(Path(spec_path).resolve()),
+               "spec": spec.model_dump(mode="json"), "provenance": provenance()}
+    layout.spec_path.write_text(json.dumps(payload, indent=2))
 
 
 def _summary_markdown(summary: dict) -> str:

@@ -21,7 +21,7 @@ from storage.schema import SCHEMA_VERSION, TABLES
 
 VIEWS_DIR = Path(__file__).parent / "views"
 # Derived views, created in this order after the base tables.
-DERIVED_VIEWS = ("grid", "run_summary")
+DERIVED_VIEWS = ("grid", "run_summary", "best_by_metric")
 
 
 @dataclass(frozen=True)

@@ -70,15 +70,32 @@ def _toml(v: object) -> str:
     return repr(v)
 
 
-def test_flow_runs_end_to_end_with_expected_rows(prefect_harness, tmp_path: Path) -> None:
+REPO = Path(__file__).resolve().parent.parent
+COOKBOOK = sorted((REPO / "storage" / "cookbook").glob("*.sql"))
+
+
+@pytest.fixture(scope="module")
+def demo_sweep(prefect_harness, tmp_path_factory: pytest.TempPathFactory):
+    """The shipped demo spec, run for real by the flow into a temporary output folder."""
     from flows.lora_sweep import lora_sweep
 
-    data = small_sweep_data(tmp_path / "out")
-    spec_path = write_spec(tmp_path, data)
+    tmp = tmp_path_factory.mktemp("demo")
+    text = (REPO / "sweeps" / "demo.toml").read_text()
+    spec_path = tmp / "demo.toml"
+    spec_path.write_text(text.replace('output_dir = "../outputs"', f'output_dir = "{tmp / "out"}"'))
+    data = tomllib.loads(spec_path.read_text())
     summary = lora_sweep(spec_path=str(spec_path))
-    assert summary["failures"] == []
-    root = Path(summary["sweep_root"])
+    return summary, data, spec_path
 
+
+def query(summary: dict, sql: str) -> list[tuple]:
+    with duckdb.connect(str(Path(summary["sweep_root"]) / "catalog.duckdb"), read_only=True) as con:
+        return con.execute(sql).fetchall()
+
+
+def test_demo_flow_completes_with_rows_equal_to_the_grid_product(demo_sweep) -> None:
+    summary, data, _ = demo_sweep
+    assert summary["failures"] == []
     t, r = data["training"], data["render"]
     axes = [len(t["ranks"]), len(t["checkpoint_steps"]), len(r["samplers"]), len(r["steps"]),
             len(r["lora_weights"]), len(r["cfg_scales"]), len(r["prompts"]), len(r["seeds"])]
@@ -87,22 +104,43 @@ def test_flow_runs_end_to_end_with_expected_rows(prefect_harness, tmp_path: Path
     nonzero = len([w for w in r["lora_weights"] if w != 0.0])
     rendered = per_baseline + len(t["ranks"]) * len(t["checkpoint_steps"]) * per_baseline * nonzero
 
-    con = duckdb.connect(str(root / "catalog.duckdb"), read_only=True)
-    assert con.execute("SELECT count(*) FROM grid").fetchone()[0] == math.prod(axes)
-    assert con.execute("SELECT count(*) FROM images").fetchone()[0] == rendered
-    assert con.execute("SELECT count(*) FROM runs WHERE status = 'completed'").fetchone()[0] == len(t["ranks"])
-    assert con.execute("SELECT count(*) FROM checkpoints").fetchone()[0] == len(t["ranks"]) * len(t["checkpoint_steps"])
-    assert con.execute("SELECT count(*) FROM losses").fetchone()[0] == len(t["ranks"]) * t["max_steps"]
-    paths = [row[0] for row in con.execute("SELECT DISTINCT path FROM grid").fetchall()]
-    con.close()
+    assert query(summary, "SELECT count(*) FROM grid") == [(math.prod(axes),)]
+    assert query(summary, "SELECT count(*) FROM images") == [(rendered,)]
+    assert query(summary, "SELECT count(*) FROM runs WHERE status = 'completed'") == [(len(t["ranks"]),)]
+    assert query(summary, "SELECT count(*) FROM checkpoints") == [(len(t["ranks"]) * len(t["checkpoint_steps"]),)]
+    assert query(summary, "SELECT count(*) FROM losses") == [(len(t["ranks"]) * t["max_steps"],)]
+    paths = [row[0] for row in query(summary, "SELECT DISTINCT path FROM grid")]
     assert len(paths) == rendered and all(Path(p).is_file() for p in paths)
+    metrics_per_image = query(summary, "SELECT min(n), max(n) FROM (SELECT image_id, count(*) AS n "
+                                       "FROM image_metrics GROUP BY image_id)")
+    assert metrics_per_image[0][0] >= 8
+    assert query(summary, "SELECT count(DISTINCT image_id) FROM image_metrics") == [(rendered,)]
     assert Path(summary["report"]).is_file()
 
-    # Re-running the same spec finds every run and image already done.
-    mtimes = {p: Path(p).stat().st_mtime_ns for p in paths}
+
+@pytest.mark.parametrize("sql_file", COOKBOOK, ids=lambda p: p.stem)
+def test_cookbook_query_runs_on_the_demo_output_and_is_in_the_readme(demo_sweep, sql_file: Path) -> None:
+    summary, _, _ = demo_sweep
+    sql = sql_file.read_text()
+    rows = query(summary, sql)
+    if sql_file.stem != "memorized_images":  # the demo LoRA is not expected to copy its training images
+        assert rows, f"{sql_file.name} returned no rows on the demo output"
+    body = "\n".join(line for line in sql.splitlines() if not line.startswith("--")).strip()
+    assert body in (REPO / "README.md").read_text(), f"README lacks the query in {sql_file.name}"
+
+
+def test_rerunning_the_demo_recomputes_nothing(demo_sweep) -> None:
+    from flows.lora_sweep import lora_sweep
+
+    summary, _, spec_path = demo_sweep
+    root = Path(summary["sweep_root"])
+    files = [p for p in root.rglob("*") if p.is_file() and p.suffix in (".png", ".safetensors", ".parquet")
+             and "builtin" not in p.parts]
+    before = {p: p.stat().st_mtime_ns for p in files}
     again = lora_sweep(spec_path=str(spec_path))
     assert again["failures"] == []
-    assert {p: Path(p).stat().st_mtime_ns for p in paths} == mtimes
+    after = {p: p.stat().st_mtime_ns for p in files}
+    assert after == before
 
 
 def test_flow_fails_before_any_work_on_bad_spec(prefect_harness, tmp_path: Path) -> None:
