@@ -4,6 +4,8 @@ Each checkpoint folder holds exactly:
   pytorch_lora_weights.safetensors   diffusers/peft format (load_lora_weights)
   <checkpoint_id>.safetensors        kohya format for AUTOMATIC1111 / ComfyUI, with ss_* metadata
   checkpoint.json                    the resolved run spec, step and provenance
+  training_state.pt                  optimizer, RNG and LoRA state to resume from (tensors only,
+                                     loaded with torch.load(weights_only=True))
 The folder is assembled under a temporary name and renamed into place, so a reader sees
 either a complete checkpoint or none.
 """
@@ -28,18 +30,25 @@ from tasks.provenance import provenance
 
 DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"
 MANIFEST_FILE = "checkpoint.json"
+STATE_FILE = "training_state.pt"
 
 
 def checkpoint_files(checkpoint_id: str) -> set[str]:
     """The exact set of files every checkpoint folder holds."""
-    return {DIFFUSERS_FILE, f"{checkpoint_id}.safetensors", MANIFEST_FILE}
+    return {DIFFUSERS_FILE, f"{checkpoint_id}.safetensors", MANIFEST_FILE, STATE_FILE}
 
 
 def checkpoint_complete(folder: Path) -> bool:
-    return (folder / MANIFEST_FILE).is_file() and (folder / DIFFUSERS_FILE).is_file()
+    return all((folder / name).is_file() for name in (MANIFEST_FILE, DIFFUSERS_FILE, STATE_FILE))
 
 
-def save_checkpoint(run: TrainingRunSpec, unet, adapter: str, step: int, checkpoint_id: str, folder: Path) -> Path:
+def load_training_state(folder: Path) -> dict:
+    """The state saved beside a checkpoint; weights_only refuses anything but tensors and plain data."""
+    return torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
+
+
+def save_checkpoint(run: TrainingRunSpec, unet, adapter: str, step: int, checkpoint_id: str, folder: Path,
+                    *, training_state: dict) -> Path:
     """Save the adapter at `step` into `folder` (replacing any earlier partial attempt)."""
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
@@ -54,6 +63,7 @@ def save_checkpoint(run: TrainingRunSpec, unet, adapter: str, step: int, checkpo
         save_file(kohya, str(tmp / f"{checkpoint_id}.safetensors"), metadata=kohya_metadata(run, step))
         manifest = {"checkpoint_id": checkpoint_id, "step": step, "run": run.model_dump(mode="json"),
                     "provenance": provenance()}
+        torch.save(training_state, tmp / STATE_FILE)
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
         if folder.exists():
             shutil.rmtree(folder)

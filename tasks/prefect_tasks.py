@@ -33,9 +33,10 @@ def prepare_inputs_task(spec: SweepSpec) -> PreparedInputs:
 
 @task(name="train-lora", task_run_name="train-{run.run_id}", cache_policy=NO_CACHE)
 def train_task(run: TrainingRunSpec):
-    from tasks.train import train_lora
+    """Train in a child process, so its memory (GPU memory too) is returned when it ends."""
+    from tasks.train_process import train_in_subprocess
 
-    return train_lora(run)
+    return train_in_subprocess(run)
 
 
 @task(name="render-grid", task_run_name="render-{job.render_id}", cache_policy=NO_CACHE)

@@ -18,13 +18,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
-from peft import LoraConfig
+from peft import LoraConfig, set_peft_model_state_dict
+from peft.utils import get_peft_model_state_dict
 from tqdm.auto import tqdm
 
 from storage.layout import SweepLayout
 from storage.parquet_io import write_rows
 from tasks.base_model import MODEL_BUILD_LOCK, load_pipeline
-from tasks.checkpoint_io import checkpoint_complete, save_checkpoint
+from tasks.checkpoint_io import DIFFUSERS_FILE, checkpoint_complete, load_training_state, save_checkpoint
 from tasks.dataset import DatasetItem, load_training_image, scan_dataset
 from tasks.plan import CheckpointRef, TrainingRunSpec, checkpoint_id
 
@@ -62,22 +63,34 @@ def _train(run: TrainingRunSpec, layout: SweepLayout) -> dict[str, float]:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     items = scan_dataset(Path(run.dataset_path), caption_extension=run.dataset.caption_extension)
     pipe = load_pipeline(run.base_model_path, config=run.base_model.config, device=device)
-    checkpoint_rows: list[dict[str, object]] = []
-    losses: list[float] = []
+    resume = _latest_training_state(run, layout)
+    checkpoint_rows: list[dict[str, object]] = list(resume["checkpoint_rows"]) if resume else []
+    losses: list[float] = list(resume["losses"]) if resume else []
+    if resume:
+        log.info("run %s: resuming after step %d", run.run_id, resume["step"])
     t0 = time.perf_counter()
+    elapsed_before = float(resume["elapsed"]) if resume else 0.0
 
-    def on_checkpoint(step: int) -> None:
-        checkpoint_rows.append(_save(run, layout, pipe.unet, step, losses, time.perf_counter() - t0))
+    def on_checkpoint(step: int, optimizer: torch.optim.Optimizer, generator: torch.Generator) -> None:
+        elapsed = elapsed_before + time.perf_counter() - t0
+        row = _checkpoint_row(run, layout, step, losses, elapsed)
+        state = {"step": step, "lora": get_peft_model_state_dict(pipe.unet, adapter_name=ADAPTER),
+                 "optimizer": optimizer.state_dict(), "generator": generator.get_state(),
+                 "losses": list(losses), "checkpoint_rows": [*checkpoint_rows, row], "elapsed": elapsed}
+        save_checkpoint(run, pipe.unet, ADAPTER, step, row["checkpoint_id"], layout.checkpoint_dir(run.run_id, step),
+                        training_state=state)
+        checkpoint_rows.append(row)
 
-    params = fit_lora(pipe, run, items, device=device, losses=losses, on_checkpoint=on_checkpoint)
+    params = fit_lora(pipe, run, items, device=device, losses=losses, on_checkpoint=on_checkpoint, resume=resume)
     wall = time.perf_counter() - t0
+    steps_now = run.max_steps - (resume["step"] if resume else 0)
     loss_rows = [{"sweep_id": run.sweep_id, "run_id": run.run_id, "step": step, "loss": loss,
                   "learning_rate": run.learning_rate} for step, loss in enumerate(losses, start=1)]
     write_rows("losses", loss_rows, layout.table_file("losses", run.run_id))
     write_rows("checkpoints", checkpoint_rows, layout.table_file("checkpoints", run.run_id))
     return {
-        "wall_time_s": wall,
-        "steps_per_s": run.max_steps / wall,
+        "wall_time_s": elapsed_before + wall,
+        "steps_per_s": steps_now / wall if steps_now else float("nan"),
         "trainable_params": params,
         "num_images": len(items),
         "peak_memory_mb": _peak_memory_mb(device),
@@ -85,10 +98,13 @@ def _train(run: TrainingRunSpec, layout: SweepLayout) -> dict[str, float]:
 
 
 def fit_lora(pipe, run: TrainingRunSpec, items: list[DatasetItem], *, device: str, losses: list[float],
-             on_checkpoint: Callable[[int], None]) -> int:
+             on_checkpoint: Callable[[int, torch.optim.Optimizer, torch.Generator], None],
+             resume: dict | None = None) -> int:
     """Add a LoRA adapter to `pipe.unet` and train it in place; returns the trainable parameter count.
 
-    Appends each step's loss to `losses` and calls `on_checkpoint(step)` at every checkpoint step.
+    Appends each step's loss to `losses` and calls `on_checkpoint(step, optimizer, generator)` at
+    every checkpoint step. With `resume` (a saved training state) it continues after that step and
+    ends with exactly the weights an uninterrupted run would have.
     """
     torch.manual_seed(run.seed)
     unet, vae, text_encoder, tokenizer = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
@@ -108,9 +124,15 @@ def fit_lora(pipe, run: TrainingRunSpec, items: list[DatasetItem], *, device: st
         )
     params = [p for p in unet.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=run.learning_rate, weight_decay=1e-2)
+    first_step = 1
+    if resume:
+        set_peft_model_state_dict(unet, resume["lora"], adapter_name=ADAPTER)
+        optimizer.load_state_dict(resume["optimizer"])
+        generator.set_state(resume["generator"])
+        first_step = resume["step"] + 1
     unet.train()
 
-    progress = tqdm(range(1, run.max_steps + 1), desc=f"train {run.run_id}", leave=False)
+    progress = tqdm(range(first_step, run.max_steps + 1), desc=f"train {run.run_id}", leave=False)
     for step in progress:
         index = torch.randint(0, len(items), (run.batch_size,), generator=generator)
         clean = latents[index].to(device)
@@ -134,7 +156,7 @@ def fit_lora(pipe, run: TrainingRunSpec, items: list[DatasetItem], *, device: st
         losses.append(float(loss.item()))
         progress.set_postfix(loss=f"{losses[-1]:.4f}")
         if step in run.checkpoint_steps:
-            on_checkpoint(step)
+            on_checkpoint(step, optimizer, generator)
             log.info("run %s: checkpoint at step %d (loss %.4f)", run.run_id, step, losses[-1])
     unet.eval()
     return sum(p.numel() for p in params)
@@ -157,17 +179,25 @@ def _encode_dataset(items: list[DatasetItem], resolution: int, vae, text_encoder
     return torch.cat(latents) * vae.config.scaling_factor, embeddings
 
 
-def _save(run: TrainingRunSpec, layout: SweepLayout, unet, step: int, losses: list[float],
-          elapsed: float) -> dict[str, object]:
+def _checkpoint_row(run: TrainingRunSpec, layout: SweepLayout, step: int, losses: list[float],
+                    elapsed: float) -> dict[str, object]:
     ckpt_id = checkpoint_id(run.run_id, step)
-    folder = save_checkpoint(run, unet, ADAPTER, step, ckpt_id, layout.checkpoint_dir(run.run_id, step))
+    folder = layout.checkpoint_dir(run.run_id, step)
     recent = losses[-20:]
     return {
         "sweep_id": run.sweep_id, "run_id": run.run_id, "checkpoint_id": ckpt_id, "step": step,
-        "lora_path": str(folder / "pytorch_lora_weights.safetensors"),
-        "kohya_path": str(folder / f"{ckpt_id}.safetensors"),
+        "lora_path": str(folder / DIFFUSERS_FILE), "kohya_path": str(folder / f"{ckpt_id}.safetensors"),
         "train_loss_smoothed": sum(recent) / len(recent), "wall_time_s": elapsed,
     }
+
+
+def _latest_training_state(run: TrainingRunSpec, layout: SweepLayout) -> dict | None:
+    """The training state of the last complete checkpoint, so a killed run continues from there."""
+    for step in sorted(run.checkpoint_steps, reverse=True):
+        folder = layout.checkpoint_dir(run.run_id, step)
+        if checkpoint_complete(folder):
+            return load_training_state(folder)
+    return None
 
 
 def _peak_memory_mb(device: str) -> float:
@@ -210,3 +240,21 @@ def _write_run_row(run: TrainingRunSpec, layout: SweepLayout, started: datetime,
         "started_at": started, "finished_at": finished, "run_dir": str(layout.run_dir(run.run_id)),
     }
     write_rows("runs", [row], layout.table_file("runs", run.run_id))
+
+
+def main(argv: list[str]) -> int:
+    """`python -m tasks.train RUN_JSON`: train one run in its own process (see tasks.train_process)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    run = TrainingRunSpec.model_validate_json(Path(argv[0]).read_text())
+    try:
+        train_lora(run)
+    except Exception as err:  # the failed run row is written; the parent reads it
+        log.error("run %s failed: %s: %s", run.run_id, type(err).__name__, err)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main(sys.argv[1:]))

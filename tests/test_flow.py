@@ -3,71 +3,13 @@
 from __future__ import annotations
 
 import math
-import os
-import signal
 import tomllib
 from pathlib import Path
 
 import duckdb
 import pytest
 
-from tests.conftest import small_sweep_data
-
-
-@pytest.fixture(scope="session")
-def prefect_harness(tmp_path_factory: pytest.TempPathFactory):
-    """One temporary Prefect server for the whole session (starting one costs ~12 s)."""
-    os.environ["PREFECT_HOME"] = str(tmp_path_factory.mktemp("prefect-home"))
-    from prefect.testing.utilities import prefect_test_harness
-
-    previous = signal.getsignal(signal.SIGTERM)
-
-    def on_sigterm(signum, frame):  # a killed pytest must not leave the harness server running
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, on_sigterm)
-    try:
-        with prefect_test_harness(server_startup_timeout=120):
-            yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-def write_spec(tmp_path: Path, data: dict) -> Path:
-    lines = []
-
-    def emit(prefix: str, table: dict) -> None:
-        scalars = {k: v for k, v in table.items() if not isinstance(v, dict) and not _is_table_list(v)}
-        if prefix:
-            lines.append(f"[{prefix}]")
-        lines.extend(f"{k} = {_toml(v)}" for k, v in scalars.items())
-        for k, v in table.items():
-            if isinstance(v, dict):
-                emit(f"{prefix}.{k}" if prefix else k, v)
-            elif _is_table_list(v):
-                for item in v:
-                    lines.append(f"[[{k}]]")
-                    lines.extend(f"{ik} = {_toml(iv)}" for ik, iv in item.items())
-
-    emit("", data)
-    path = tmp_path / "sweep.toml"
-    path.write_text("\n".join(lines) + "\n")
-    assert tomllib.loads(path.read_text()) == data
-    return path
-
-
-def _is_table_list(v: object) -> bool:
-    return isinstance(v, list) and bool(v) and all(isinstance(i, dict) for i in v)
-
-
-def _toml(v: object) -> str:
-    if isinstance(v, str):
-        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, list):
-        return "[" + ", ".join(_toml(i) for i in v) + "]"
-    return repr(v)
+from tests.conftest import small_sweep_data, write_spec
 
 
 REPO = Path(__file__).resolve().parent.parent

@@ -44,7 +44,7 @@ def trained(setup):
     pipe = load_pipeline(inputs.model_paths["tiny-sd15"])
     pipe.set_progress_bar_config(disable=True)
     items = scan_dataset(Path(inputs.dataset_path))
-    fit_lora(pipe, run, items, device="cpu", losses=[], on_checkpoint=lambda step: None)
+    fit_lora(pipe, run, items, device="cpu", losses=[], on_checkpoint=lambda *state: None)
     result = train_lora(run)
     return pipe, result
 
@@ -114,3 +114,34 @@ def test_finished_run_is_not_retrained(trained, setup) -> None:
     again = train_lora(run)
     assert again.checkpoints == result.checkpoints
     assert {p: p.stat().st_mtime_ns for p in before} == before
+
+
+def test_resumed_run_ends_with_the_same_weights_as_an_uninterrupted_one(tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    spec = parse_spec(small_sweep_data(tmp_path, ranks=[2], alpha=3.0, max_steps=18, checkpoint_steps=[6, 12, 18]))
+    inputs = prepare_inputs(spec)
+    run = training_runs(spec, inputs.model_paths, inputs.dataset_path, inputs.dataset_fingerprint)[0]
+    result = train_lora(run)
+    last = Path(result.checkpoints[-1].lora_dir)
+    uninterrupted = load_file(str(last / DIFFUSERS_FILE))
+    earlier = {p: p.stat().st_mtime_ns for p in Path(result.checkpoints[0].lora_dir).iterdir()}
+
+    # As if the process died after the step-12 checkpoint: the last checkpoint and the run's rows are gone.
+    import shutil
+
+    shutil.rmtree(last)
+    for table in ("runs", "losses", "checkpoints"):
+        (tmp_path / "small" / "tables" / table / f"{run.run_id}.parquet").unlink()
+    resumed = train_lora(run)
+
+    assert resumed.checkpoints == result.checkpoints
+    again = load_file(str(last / DIFFUSERS_FILE))
+    assert again.keys() == uninterrupted.keys()
+    for key in uninterrupted:
+        assert torch.equal(again[key], uninterrupted[key]), key
+    assert {p: p.stat().st_mtime_ns for p in Path(result.checkpoints[0].lora_dir).iterdir()} == earlier
+    import pyarrow.parquet as pq
+
+    losses = pq.read_table(tmp_path / "small" / "tables" / "losses" / f"{run.run_id}.parquet").column("step")
+    assert losses.to_pylist() == list(range(1, 19))

@@ -1,0 +1,72 @@
+"""Run one training run in a child process.
+
+The child returns all its memory (GPU memory included) to the system when it exits, a crash
+or an out-of-memory kill cannot take the flow down with it, and model loading never races with
+other threads. Finished runs are found here, before any process starts.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from storage.layout import SweepLayout
+from tasks.plan import TrainingRunSpec
+from tasks.train import TrainingResult, _already_done, _checkpoint_refs, _write_run_row
+
+
+class TrainingFailed(RuntimeError):
+    """A training run ended without finishing; its `runs` row holds the same message."""
+
+
+def train_in_subprocess(run: TrainingRunSpec) -> TrainingResult:
+    """Train `run` in `python -m tasks.train`; raise TrainingFailed with the run's error if it fails."""
+    layout = SweepLayout(Path(run.sweep_root))
+    if _already_done(run, layout):
+        return TrainingResult(run.run_id, "completed", _checkpoint_refs(run, layout))
+    run_dir = layout.run_dir(run.run_id)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    spec_file = run_dir / "run.json"
+    spec_file.write_text(run.model_dump_json(indent=2))
+    layout.table_file("runs", run.run_id).unlink(missing_ok=True)  # a failed earlier attempt's row
+    started = datetime.now(timezone.utc)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    code = subprocess.run([sys.executable, "-m", "tasks.train", str(spec_file)], env=env,
+                          preexec_fn=_die_with_parent).returncode
+    if code == 0:
+        return TrainingResult(run.run_id, "completed", _checkpoint_refs(run, layout))
+    error = _recorded_error(layout, run)
+    if error is None:  # killed before it could record anything
+        error = _exit_reason(code)
+        _write_run_row(run, layout, started, status="failed", error=error, stats={})
+    raise TrainingFailed(f"run {run.run_id}: {error}")
+
+
+def _die_with_parent() -> None:
+    """Linux: the child gets SIGKILL when the flow process dies, so no orphan keeps training."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def _recorded_error(layout: SweepLayout, run: TrainingRunSpec) -> str | None:
+    path = layout.table_file("runs", run.run_id)
+    if not path.exists():
+        return None
+    rows = pq.read_table(path, columns=["status", "error"]).to_pylist()
+    return rows[0]["error"] if rows and rows[0]["status"] == "failed" else None
+
+
+def _exit_reason(code: int) -> str:
+    if code < 0:
+        name = signal.Signals(-code).name
+        hint = " (the system may have run out of memory)" if name == "SIGKILL" else ""
+        return f"training process was killed by {name}{hint}"
+    return f"training process exited with status {code}"
