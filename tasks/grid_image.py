@@ -58,7 +58,6 @@ class GridPlan:
 
     @property
     def example(self) -> Row:
-        """Any image row of this grid: it holds the z values (and the prompt text)."""
         return next(iter(self.cells.values()))
 
 
@@ -149,8 +148,8 @@ def plan_grids(
     plans = []
     for z_key in sorted(grouped, key=lambda k: [order.index(v) for order, v in zip(z_orders, k)]):
         z_values = tuple(zip(z_axes, z_key))
-        # The name hashes the axes too: regrouping the same rows gives new files, never a stale one.
-        path = Path(out_dir) / f"{GRID_PREFIX}{content_id([x_axis, y_axis, z_values], 12)}.png"
+        # The name hashes the axes and their values too: other rows or axes never reuse a stale grid.
+        path = Path(out_dir) / f"{GRID_PREFIX}{content_id([x_axis, xs, y_axis, ys, z_values], 12)}.png"
         cells = {ij: rows[0] for ij, rows in sorted(grouped[z_key].items())}
         plans.append(GridPlan(path, x_axis, y_axis, z_values, xs, ys, cells))
     return plans
@@ -162,10 +161,8 @@ def _check_one_image_per_cell(grouped: Mapping[Any, Mapping[Any, list[Row]]], ax
     if shared:
         ignore = {*axes, "image_id", "path", "render_s"}
         varying = {k for rows in shared for k in rows[0] if k not in ignore and len({r.get(k) for r in rows}) > 1}
-        raise ValueError(
-            f"cannot plan grid images: {len(shared)} cells hold more than one image; put the varying "
-            f"columns on an axis: {', '.join(sorted(varying)) or '(none: duplicate rows)'}"
-        )
+        raise ValueError(f"cannot plan grid images: {len(shared)} cells hold more than one image; put the varying "
+                         f"columns on an axis: {', '.join(sorted(varying)) or '(none: duplicate rows)'}")
 
 
 def plan_grid_files(
@@ -207,23 +204,19 @@ def _width(text: str, size: int) -> float:
     return grid_font(size).getlength(text)
 
 
-def _line_h(size: int) -> int:
-    return sum(grid_font(size).getmetrics())
-
-
 def _fit(text: str, size: int, width: float) -> int:
     """How many leading characters of `text` fit in `width` (at least one, so wrapping ends)."""
-    n = len(text)
-    while n > 1 and _width(text[:n], size) > width:
-        n -= 1
-    return n
+    lo, hi = 1, min(len(text), max(1, int(width)))  # no character is under 1 px wide
+    while lo < hi:  # bisect: a prompt may hold one very long word
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if _width(text[:mid], size) <= width else (lo, mid - 1)
+    return lo
 
 
 def _break_word(word: str, size: int, width: float) -> list[str]:
     """A word wider than a line, cut into line-wide pieces."""
     pieces = []
-    while len(word) > 1 and _width(word, size) > width:
-        cut = _fit(word, size, width)
+    while (cut := _fit(word, size, width)) < len(word):
         pieces.append(word[:cut])
         word = word[cut:]
     return [*pieces, word]
@@ -251,8 +244,7 @@ def _wrap_units(units: Sequence[str], joiner: str, size: int, width: float) -> l
 
 
 def wrap_text(text: str, size: int, width: float, max_lines: int, *, separator: str = " ") -> tuple[str, ...]:
-    """Wrap `text` to `width` px, breaking between `separator`-joined parts where it can; past
-    `max_lines`, the last line ends in "…"."""
+    """Wrap to `width` px between `separator`-joined parts where it can; past `max_lines`, end in "…"."""
     lines = _wrap_units(drawable_text(text, size).split(separator), separator, size, width)
     if len(lines) <= max_lines:
         return tuple(lines)
@@ -263,8 +255,7 @@ def wrap_text(text: str, size: int, width: float, max_lines: int, *, separator: 
 
 
 def cell_size(image_w: int, image_h: int, n_cols: int) -> tuple[int, int]:
-    """Cell pixels: small images scaled up by a whole factor to >= MIN_CELL_PX, then all cells
-    scaled down where needed so the columns fit MAX_CELLS_WIDTH_PX."""
+    """Cell pixels: small images up by a whole factor to MIN_CELL_PX; all shrunk to fit MAX_CELLS_WIDTH_PX."""
     scale = float(max(1, -(-MIN_CELL_PX // max(1, min(image_w, image_h)))))
     scale = min(scale, MAX_CELLS_WIDTH_PX / (n_cols * image_w))
     return max(1, round(image_w * scale)), max(1, round(image_h * scale))
@@ -278,7 +269,7 @@ def grid_layout(
     label_size = min(40, max(14, min(cell_w, cell_h) // 8))
     title_size = label_size * 9 // 8
     pad = label_size // 2
-    line_h = _line_h(label_size)
+    line_h = sum(grid_font(label_size).getmetrics())
     col_lines = tuple(wrap_text(t, label_size, cell_w - 2 * pad, COLUMN_LABEL_LINES) for t in x_labels)
     widest = max(_width(drawable_text(t, label_size), label_size) for t in y_labels)
     left_w = min(int(widest) + 1 + 2 * pad, min(max(cell_w, MIN_LABEL_WIDTH_PX), MAX_LABEL_WIDTH_PX))
@@ -286,7 +277,7 @@ def grid_layout(
     row_lines = tuple(wrap_text(t, label_size, left_w - 2 * pad, row_max_lines) for t in y_labels)
     full_w = left_w + len(x_labels) * cell_w
     title_lines = wrap_text(title, title_size, full_w - 2 * pad, TITLE_LINES, separator=SEPARATOR) if title else ()
-    title_h = 2 * pad + len(title_lines) * _line_h(title_size) if title_lines else 0
+    title_h = 2 * pad + len(title_lines) * sum(grid_font(title_size).getmetrics()) if title_lines else 0
     header_h = 2 * pad + max(len(lines) for lines in col_lines) * line_h
     return GridLayout(
         n_cols=len(x_labels), n_rows=len(y_labels), cell_w=cell_w, cell_h=cell_h, left_w=left_w,
@@ -297,7 +288,7 @@ def grid_layout(
 
 def _draw_lines(draw: ImageDraw.ImageDraw, lines: Sequence[str], box: tuple[int, int, int, int], size: int) -> None:
     """Draw lines centred, horizontally and vertically, in box (left, top, right, bottom)."""
-    line_h = _line_h(size)
+    line_h = sum(grid_font(size).getmetrics())
     centre_x = (box[0] + box[2]) // 2
     top = box[1] + (box[3] - box[1] - len(lines) * line_h) // 2
     for k, line in enumerate(lines):

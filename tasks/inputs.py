@@ -42,8 +42,9 @@ def builtin_dir(spec: SweepSpec) -> Path:
 
 def prepare_inputs(spec: SweepSpec) -> PreparedInputs:
     """Validate base models, dataset and output folder; build builtin assets; raise InputError on any problem."""
-    problems: list[str] = []
-    problems += _output_problems(Path(spec.output_dir))
+    problems = _output_problems(Path(spec.output_dir))
+    if problems:  # builtins are materialised under output_dir: nothing more can be checked
+        raise InputError(problems)
     model_paths = {}
     for index, model in enumerate(spec.base_models):
         path, found = _model_path(spec, model.path, model.config)
