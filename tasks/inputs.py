@@ -68,7 +68,11 @@ def _model_path(spec: SweepSpec, path: str, config: str | None) -> tuple[str, li
 
 
 def _dataset(spec: SweepSpec) -> tuple[str, str, int, list[str]]:
-    from tasks.dataset import DatasetError, dataset_fingerprint, scan_dataset
+    """Scan the dataset by its source, check the captioner folder, and print the dataset summary."""
+    from tasks.captions import captioner_problem
+    from tasks.dataset import DatasetError, dataset_fingerprint, dataset_summary, load_clip_tokenizer
+    from tasks.dataset_sources import load_items
+    from tasks.spec import content_id
 
     ds = spec.dataset
     path = ds.path
@@ -80,12 +84,21 @@ def _dataset(spec: SweepSpec) -> tuple[str, str, int, list[str]]:
             path = str(write_demo_dataset(folder, trigger=ds.trigger_word, size=spec.training.resolution))
         except (ValueError, FileExistsError) as err:
             return path, "", 0, [f"dataset.path {path!r} at training.resolution {spec.training.resolution}: {err}"]
+    problem = captioner_problem(ds.captioner) if ds.captioner else None
     try:
-        items = scan_dataset(Path(path), caption_extension=ds.caption_extension, min_images=ds.min_images,
-                             min_size=min(64, spec.training.resolution))
+        # Captions a captioner will write are not known yet: the fingerprint covers the captioner name instead.
+        items = load_items(ds, Path(path), min_size=min(64, spec.training.resolution))
     except DatasetError as err:
-        return path, "", 0, [f"dataset: {p}" for p in err.problems]
-    return path, dataset_fingerprint(items), len(items), []
+        return path, "", 0, [f"dataset: {p}" for p in err.problems] + ([problem] if problem else [])
+    if problem:
+        return path, "", 0, [problem]
+    summary = dataset_summary(items, load_clip_tokenizer(), resolution=spec.training.resolution,
+                              trigger_word=ds.trigger_word)
+    print(f"dataset {path} ({ds.source}):\n{summary.format()}")  # log_prints puts it in the Prefect log
+    fingerprint = dataset_fingerprint(items)
+    if ds.captioner and summary.missing_captions:
+        fingerprint = content_id([fingerprint, ds.captioner])
+    return path, fingerprint, len(items), []
 
 
 def _output_problems(output_dir: Path) -> list[str]:

@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import torch
 from PIL import Image
 from tqdm.auto import tqdm
@@ -25,6 +26,7 @@ from storage.layout import SweepLayout
 from storage.parquet_io import write_rows
 from tasks.base_model import MODEL_BUILD_LOCK, load_pipeline, model_hash
 from tasks.checkpoint_io import DIFFUSERS_FILE
+from tasks.grid_image import job_title, write_grid_images
 from tasks.png_metadata import ImageParameters, png_info, read_png_parameters
 from tasks.plan import RenderJobSpec
 from tasks.provenance import lora_sweep_version
@@ -84,7 +86,16 @@ def render_job(job: RenderJobSpec) -> Path:
     if todo:
         _render_missing(job, todo, out_dir)
     rows = [_image_row(job, c, out_dir / f"{image_id(job, c)}.png") for c in cells]
+    _write_grids(job, layout, rows, out_dir)
     return write_rows("images", rows, table_file)
+
+
+def _write_grids(job: RenderJobSpec, layout: SweepLayout, rows: list[dict[str, object]], out_dir: Path) -> None:
+    """X/Y-plot grid PNGs beside the images: LoRA weight x sampler, the no-LoRA column included."""
+    baseline = layout.table_file("images", job.baseline_render_id) if job.baseline_render_id else None
+    shared = pq.read_table(baseline).to_pylist() if baseline and baseline.exists() else []
+    title = job_title(rows[0])
+    write_grid_images([*shared, *rows], out_dir, title=title)
 
 
 def _render_missing(job: RenderJobSpec, todo: list[Cell], out_dir: Path) -> None:

@@ -12,7 +12,7 @@ import hashlib
 import json
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -46,18 +46,69 @@ def _unique(values: tuple, field: str) -> tuple:
 
 
 class DatasetSpec(_Frozen):
-    """Training images with sidecar caption files, or `builtin:demo-world`."""
+    """Training images and where their captions come from (`source`), or `builtin:demo-world`.
+
+    Sources: `sidecar` (img.png + img.txt), `kohya` (`N_name/` repeat folders), `metadata_jsonl`
+    (`file_name` + `text`), `csv` (image column + caption column or template, optional row filter).
+    """
 
     path: str
-    trigger_word: str = Field(min_length=1, pattern=r"^\S+$")
+    trigger_word: str = Field(min_length=1)
+    source: Literal["sidecar", "kohya", "metadata_jsonl", "csv"] = "sidecar"
     caption_extension: str = Field(default=".txt", pattern=r"^\.[A-Za-z0-9]+$")
     min_images: PositiveInt = 1
+    metadata_file: str = Field(default="metadata.jsonl", min_length=1)
+    csv_file: str | None = Field(default=None, min_length=1)
+    csv_image_column: str = Field(default="image", min_length=1)
+    csv_caption_column: str | None = Field(default=None, min_length=1)
+    caption_template: str | None = Field(default=None, min_length=1)
+    csv_filter: dict[str, tuple[str, ...]] = Field(default_factory=dict)
+    prefix_trigger: bool = False
+    caption_dropout: float = Field(default=0.0, ge=0.0, le=1.0)
+    shuffle_tags: bool = False
+    keep_tokens: int = Field(default=0, ge=0)
+    captioner: str | None = None
 
     @field_validator("path")
     @classmethod
     def _builtin_known(cls, value: str) -> str:
         _check_builtin(value, BUILTIN_DATASETS)
         return value
+
+    @field_validator("trigger_word")
+    @classmethod
+    def _one_word(cls, value: str) -> str:
+        if any(ch.isspace() for ch in value):
+            raise ValueError("the trigger word must be one token without spaces, e.g. 'zqx' or 'sks_style'")
+        return value
+
+    @field_validator("captioner")
+    @classmethod
+    def _known_captioner(cls, value: str | None) -> str | None:
+        if value is not None and not (value.startswith("blip:") and len(value) > len("blip:")):
+            raise ValueError("allowed: 'blip:<local folder with a BLIP captioning model>'; nothing is downloaded")
+        return value
+
+    @model_validator(mode="after")
+    def _source_fields_agree(self) -> DatasetSpec:
+        problems = []
+        if self.path.startswith(BUILTIN_PREFIX) and self.source != "sidecar":
+            problems.append(f"{self.path} is a sidecar dataset; source {self.source!r} needs a folder path")
+        csv_only = {"csv_file": self.csv_file, "csv_caption_column": self.csv_caption_column,
+                    "caption_template": self.caption_template, "csv_filter": self.csv_filter or None}
+        if self.source != "csv":
+            problems += [f"{k} = {v!r} is only used with source = 'csv' (source is {self.source!r})"
+                         for k, v in csv_only.items() if v is not None]
+        elif self.csv_file is None:
+            problems.append("source = 'csv' needs csv_file = '<file relative to dataset.path>'")
+        if self.source == "csv" and (self.csv_caption_column is None) == (self.caption_template is None):
+            problems.append("source = 'csv' needs exactly one of csv_caption_column or caption_template, "
+                            "e.g. caption_template = 'a painting by {artist}, {title}'")
+        if self.keep_tokens and not self.shuffle_tags:
+            problems.append(f"keep_tokens = {self.keep_tokens} only applies with shuffle_tags = true")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
 
 
 class BaseModelSpec(_Frozen):
@@ -192,8 +243,9 @@ def _format_error(err: dict[str, Any]) -> str:
         return f"{loc}: required key is missing"
     msg = err["msg"].removeprefix("Value error, ")
     value = err.get("input")
-    shown = value if not isinstance(value, dict) else "{...}"
-    return f"{loc}: got {shown!r}; {msg}"
+    if isinstance(value, dict):  # a whole-section check: the message names the values
+        return f"{loc}: {msg}"
+    return f"{loc}: got {value!r}; {msg}"
 
 
 def parse_spec(data: dict[str, Any], source: str = "<spec>") -> SweepSpec:

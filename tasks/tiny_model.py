@@ -7,12 +7,14 @@ deterministic, and every code path (LoRA, single-file loading, samplers) behaves
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 import sys
 import tempfile
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import diffusers
@@ -27,6 +29,10 @@ MARKER = "tiny_model.json"  # written last: a folder without it is an unfinished
 TOKENIZER_DIR = Path(__file__).parent / "assets" / "clip_tokenizer"
 BUILD_ENTRIES = {"model_index.json", "unet", "vae", "text_encoder", "tokenizer", "scheduler", MARKER}
 WEIGHT_SUFFIXES = {".safetensors", ".bin", ".ckpt", ".pt", ".pth"}
+# The tiny model pretrained on the demo world by `python -m tasks.pretrain_tiny` (fp16, committed).
+WORLD_MODEL_DIR = Path(__file__).parent / "assets" / "tiny-sd15-world"
+WORLD_RECORD = "pretrain.json"
+WORLD_ENTRIES = BUILD_ENTRIES | {WORLD_RECORD}
 
 UNET_CONFIG = {
     "sample_size": 8,  # 64 px images / 8
@@ -132,28 +138,70 @@ def ensure_tiny_model(folder: Path, seed: int = 0) -> Path:
     The build goes into a temporary sibling that is renamed into place, so readers never see a
     half-written model and concurrent callers cannot corrupt each other.
     """
-    folder = Path(folder)
-    if is_current_build(folder, seed):
+    return materialise(Path(folder), lambda f: is_current_build(f, seed), lambda tmp: build_tiny_sd15(tmp, seed),
+                       BUILD_ENTRIES)
+
+
+def world_fingerprint(source: Path = WORLD_MODEL_DIR) -> str:
+    """sha256 over the committed pretrained folder's file names and bytes (a changed file changes it)."""
+    files = sorted(p for p in Path(source).rglob("*") if p.is_file())
+    if not any(p.suffix == ".safetensors" for p in files) or not (Path(source) / WORLD_RECORD).is_file():
+        raise FileNotFoundError(
+            f"pretrained world model {source}: missing weights or {WORLD_RECORD}; rebuild it with "
+            f"`python -m tasks.pretrain_tiny --out {source}`"
+        )
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.relative_to(source).as_posix().encode() + b"\0")
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def ensure_world_model(folder: Path, source: Path = WORLD_MODEL_DIR) -> Path:
+    """Return `folder` holding a copy of the pretrained demo-world model, copying it first if needed.
+
+    Atomic like ensure_tiny_model: copied into a temporary sibling, marker written last, renamed
+    into place. A copy whose marker names another fingerprint (the committed weights changed) is replaced.
+    """
+    fingerprint = world_fingerprint(source)
+
+    def is_current(f: Path) -> bool:
+        marker = read_marker(f)
+        return marker is not None and marker.get("fingerprint") == fingerprint
+
+    def copy(tmp: Path) -> None:
+        shutil.copytree(source, tmp, dirs_exist_ok=True)
+        marker = {"builder": "tasks.tiny_model.ensure_world_model", "source": WORLD_MODEL_DIR.name,
+                  "fingerprint": fingerprint}
+        (tmp / MARKER).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
+
+    return materialise(Path(folder), is_current, copy, WORLD_ENTRIES)
+
+
+def materialise(folder: Path, is_done: Callable[[Path], bool], write: Callable[[Path], object],
+                allowed: set[str]) -> Path:
+    """Unless `is_done(folder)`, run `write` into a temporary sibling and rename it onto `folder`."""
+    if is_done(folder):
         return folder
-    refuse_foreign_folder(folder)
+    refuse_foreign_folder(folder, allowed)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = folder.parent / f".{folder.name}.build-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()  # not mkdtemp: its 0700 mode would make the model private to this user
     try:
-        build_tiny_sd15(tmp, seed)
-        swap_into_place(tmp, folder, seed)
+        write(tmp)
+        swap_into_place(tmp, folder, is_done)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return folder
 
 
-def refuse_foreign_folder(folder: Path) -> None:
+def refuse_foreign_folder(folder: Path, allowed: set[str] = BUILD_ENTRIES) -> None:
     """Raise rather than replace a folder holding anything a build would not have written."""
     if not folder.exists():
         return
     if not folder.is_dir():
         raise ValueError(f"tiny model path {folder}: exists and is not a folder; expected a folder or nothing")
-    foreign = sorted(p.name for p in folder.iterdir() if p.name not in BUILD_ENTRIES)
+    foreign = sorted(p.name for p in folder.iterdir() if p.name not in allowed)
     if foreign:
         raise ValueError(
             f"tiny model path {folder}: holds {foreign}, which a tiny-model build never writes; "
@@ -161,10 +209,10 @@ def refuse_foreign_folder(folder: Path) -> None:
         )
 
 
-def swap_into_place(built: Path, folder: Path, seed: int) -> None:
+def swap_into_place(built: Path, folder: Path, is_done: Callable[[Path], bool]) -> None:
     """Rename the finished build onto `folder`, moving any stale build aside first."""
     if folder.exists():
-        if is_current_build(folder, seed):  # another process finished first
+        if is_done(folder):  # another process finished first
             return
         stale = Path(tempfile.mkdtemp(prefix=f".{folder.name}.stale-", dir=folder.parent))
         try:
@@ -175,7 +223,7 @@ def swap_into_place(built: Path, folder: Path, seed: int) -> None:
     try:
         os.replace(built, folder)
     except OSError:
-        if not is_current_build(folder, seed):  # lost a race only if the winner is a good build
+        if not is_done(folder):  # lost a race only if the winner is a good build
             raise
 
 
