@@ -7,6 +7,7 @@ rebuilt under a temporary name and swapped in, so a reader never blocks a writer
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import tempfile
@@ -55,7 +56,8 @@ class Manifest:
 
 def table_files(layout: SweepLayout, manifest: Manifest, table: str) -> list[str]:
     """Absolute paths of the table's Parquet files that exist (a failed task may have none)."""
-    files = (layout.table_file(table, key).resolve() for key in manifest.keys(table))
+    folder = layout.table_dir(table).resolve()
+    files = (folder / f"{key}.parquet" for key in manifest.keys(table))
     return [str(f) for f in files if f.exists()]
 
 
@@ -86,9 +88,18 @@ def _duckdb_type(t: pa.DataType) -> str:
 
 
 def build_catalog(layout: SweepLayout, manifest: Manifest | None = None) -> Path:
-    """(Re)build `catalog.duckdb` with one view per table plus the derived views; swap it in atomically."""
-    manifest = manifest or Manifest.read(layout)
+    """(Re)build `catalog.duckdb` with one view per table plus the derived views; swap it in atomically.
+
+    Builders take a file lock, so the catalog swapped in last always lists the newest files;
+    readers never take it.
+    """
     layout.root.mkdir(parents=True, exist_ok=True)
+    with open(layout.root / "catalog.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _build_and_swap(layout, manifest or Manifest.read(layout))
+
+
+def _build_and_swap(layout: SweepLayout, manifest: Manifest) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=".catalog.", suffix=".duckdb", dir=layout.root)
     os.close(fd)
     os.unlink(tmp)  # DuckDB must create the file itself

@@ -65,13 +65,14 @@ class CaptionerError(ValueError):
 class BlipCaptioner:
     """BLIP image captioning from a local folder (processor + BlipForConditionalGeneration)."""
 
-    def __init__(self, path: str | Path, *, device: str = "cpu", max_new_tokens: int = 30, batch_size: int = 8) -> None:
+    def __init__(self, path: str | Path, *, device: str = "cpu", max_new_tokens: int = 30,
+                 batch_size: int = 8) -> None:
         from transformers import BlipForConditionalGeneration, BlipProcessor
 
         folder = Path(path)
-        if not (folder / "config.json").is_file():
-            raise CaptionerError(f"captioner 'blip:{path}': {folder} is not a local BLIP model folder (no config.json); "
-                                 "save one with save_pretrained first; nothing is downloaded")
+        problem = captioner_problem(f"blip:{folder}")
+        if problem:
+            raise CaptionerError(problem)
         self.processor = BlipProcessor.from_pretrained(folder, local_files_only=True)
         self.model = BlipForConditionalGeneration.from_pretrained(folder, local_files_only=True).to(device).eval()
         self.device, self.max_new_tokens, self.batch_size = device, max_new_tokens, batch_size

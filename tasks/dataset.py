@@ -137,7 +137,9 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 
 def load_training_image(path: Path, resolution: int, *, size: tuple[int, int] | None = None) -> np.ndarray:
-    """EXIF-rotate, convert to RGB, centre-crop and resize to `size` (w, h; default square): HxWx3 float32 in [-1, 1]."""
+    """EXIF-rotate, convert to RGB, centre-crop and resize to `size` (w, h; default square).
+
+    Returns HxWx3 float32 in [-1, 1]."""
     with Image.open(path) as img:
         img = to_rgb(ImageOps.exif_transpose(img))
         img = ImageOps.fit(img, size or (resolution, resolution), method=Image.Resampling.LANCZOS)
@@ -205,7 +207,7 @@ def dataset_summary(items: list[DatasetItem], tokenizer: Any = None, *, resoluti
     max_tokens = getattr(tokenizer, "model_max_length", 77) if tokenizer is not None else 77
     long = []
     if tokenizer is not None:
-        lengths = [len(ids) for ids in tokenizer([i.caption for i in items], truncation=False).input_ids]
+        lengths = [len(ids) for ids in tokenizer([i.caption for i in items], truncation=False, verbose=False).input_ids]
         long = [(n, i.caption) for n, i in zip(lengths, items) if n > max_tokens]
     return DatasetSummary(
         num_items=len(items), samples_per_epoch=sum(item.repeats for item in items),

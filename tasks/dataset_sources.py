@@ -20,13 +20,15 @@ from tasks.spec import DatasetSpec
 KOHYA_FOLDER = re.compile(r"^(\d+)_(.+)$")
 
 
-def load_items(ds: DatasetSpec, folder: Path, *, min_size: int, captioner: Captioner | None = None) -> list[DatasetItem]:
+def load_items(ds: DatasetSpec, folder: Path, *, min_size: int,
+               captioner: Captioner | None = None) -> list[DatasetItem]:
     """Scan the dataset as `ds.source` says; caption what lacks a caption; add the trigger if asked."""
     folder = Path(folder)
     if not folder.is_dir():
         raise DatasetError(folder, [f"dataset.path {str(folder)!r} is not a folder"])
     allow_missing = ds.captioner is not None
-    common: dict[str, Any] = {"min_size": min_size, "min_images": ds.min_images, "allow_missing_captions": allow_missing}
+    common: dict[str, Any] = {"min_size": min_size, "min_images": ds.min_images,
+                              "allow_missing_captions": allow_missing}
     if ds.source == "kohya":
         items = scan_kohya(folder, caption_extension=ds.caption_extension, **common)
     elif ds.source == "metadata_jsonl":

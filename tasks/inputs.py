@@ -52,6 +52,10 @@ def prepare_inputs(spec: SweepSpec) -> PreparedInputs:
         problems += [f"base_models[{index}] ({model.name}): {p}" for p in found]
     dataset_path, fingerprint, count, found = _dataset(spec)
     problems += found
+    if spec.metrics.clip_model:
+        from tasks.clip_metrics import clip_folder_problems
+
+        problems += [f"metrics.clip_model: {p}" for p in clip_folder_problems(Path(spec.metrics.clip_model))]
     if problems:
         raise InputError(problems)
     return PreparedInputs(model_paths, dataset_path, fingerprint, count)

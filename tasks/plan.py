@@ -72,6 +72,7 @@ class RenderJobSpec(_Frozen):
     dataset_path: str
     caption_extension: str
     concept_trigger: str | None  # set when the dataset is the builtin demo world: score its concept
+    clip_model_path: str | None  # a local CLIP folder: adds CLIP scores
 
 
 def sweep_root(spec: SweepSpec) -> Path:
@@ -138,6 +139,7 @@ def render_jobs(
         dataset_path=dataset_path,
         caption_extension=spec.dataset.caption_extension,
         concept_trigger=spec.dataset.trigger_word if spec.dataset.path == "builtin:demo-world" else None,
+        clip_model_path=spec.metrics.clip_model,
     )
     jobs = []
     for model in spec.base_models:

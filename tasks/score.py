@@ -54,7 +54,26 @@ def score_job(job: RenderJobSpec) -> Path:
             concept = replace(DEMO_CONCEPT, trigger=job.concept_trigger)
             rows.append(_row(job, image["image_id"], CONCEPT_METRIC, concept_score(array, concept), True, None))
     rows += _diversity_rows(job, images, pixels)
+    if job.clip_model_path:
+        rows += _clip_rows(job, images, pixels)
     return write_rows("image_metrics", rows, out)
+
+
+def _clip_rows(job: RenderJobSpec, images: list[dict], pixels: dict[str, np.ndarray]) -> list[dict[str, object]]:
+    """CLIP text-image score and CLIP similarity to the training set, batched over the job."""
+    scorer, training = _clip_scorer(job.clip_model_path, job.dataset_path, job.caption_extension)
+    scores = scorer.score([pixels[i["image_id"]] for i in images], [i["prompt"] for i in images], training)
+    return [_row(job, image["image_id"], v.metric, v.value, v.higher_is_better, v.reference_id)
+            for image, values in zip(images, scores) for v in values]
+
+
+@lru_cache(maxsize=2)
+def _clip_scorer(model_path: str, dataset_path: str, caption_extension: str):
+    from tasks.clip_metrics import ClipScorer
+
+    scorer = ClipScorer.from_pretrained(model_path)
+    items = scan_dataset(Path(dataset_path), caption_extension=caption_extension)
+    return scorer, scorer.embed_training([i.image_id for i in items], [_load(str(i.path)) for i in items])
 
 
 def _diversity_rows(job: RenderJobSpec, images: list[dict], pixels: dict[str, np.ndarray]) -> list[dict[str, object]]:

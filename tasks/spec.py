@@ -188,6 +188,12 @@ class RenderSpec(_Frozen):
         return value
 
 
+class MetricsSpec(_Frozen):
+    """Optional metrics that need extra local weights."""
+
+    clip_model: str | None = Field(default=None, description="local CLIP folder for CLIP scores")
+
+
 class SweepSpec(_Frozen):
     """A whole sweep: dataset, base models, training axes and the render grid."""
 
@@ -197,6 +203,7 @@ class SweepSpec(_Frozen):
     base_models: tuple[BaseModelSpec, ...] = Field(min_length=1)
     training: TrainingSpec
     render: RenderSpec
+    metrics: MetricsSpec = MetricsSpec()
 
     @field_validator("base_models")
     @classmethod
@@ -282,8 +289,10 @@ def resolve_paths(spec: SweepSpec, base: Path) -> SweepSpec:
         return str((base / Path(p).expanduser()).resolve())
 
     models = tuple(m.model_copy(update={"path": absolute(m.path), "config": absolute(m.config)}) for m in spec.base_models)
+    metrics = spec.metrics.model_copy(update={"clip_model": absolute(spec.metrics.clip_model)})
     return spec.model_copy(
         update={
+            "metrics": metrics,
             "output_dir": absolute(spec.output_dir),
             "dataset": spec.dataset.model_copy(update={"path": absolute(spec.dataset.path)}),
             "base_models": models,

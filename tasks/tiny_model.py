@@ -3,6 +3,8 @@
 Tests and examples need a real SD1.5-shaped pipeline (same module names, a real x8 VAE, the real
 CLIP tokenizer) without downloading weights. The weights are random: images are noise, but
 deterministic, and every code path (LoRA, single-file loading, samplers) behaves as on SD1.5.
+`ensure_world_model` materialises the same architecture pretrained on the demo world
+(`tasks.pretrain_tiny`, committed under assets/tiny-sd15-world), whose images show what captions say.
 """
 
 from __future__ import annotations

@@ -152,3 +152,11 @@ def test_full_disk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 def test_nothing_is_built_or_trained_when_inputs_are_bad(tmp_path: Path) -> None:
     problems_for(tmp_path, dataset=tmp_path / "nope")
     assert not (tmp_path / "out" / "small").exists()
+
+
+def test_clip_model_folder_missing(tmp_path: Path) -> None:
+    data = small_sweep_data(tmp_path / "out")
+    data["metrics"] = {"clip_model": str(tmp_path / "clip")}
+    with pytest.raises(InputError) as info:
+        prepare_inputs(parse_spec(data))
+    assert_mentions(str(info.value), "metrics.clip_model", "clip", "does not exist")

@@ -134,3 +134,40 @@ def test_non_clip_config_is_refused(tmp_path: Path, clip_dir: Path) -> None:
     (other / "config.json").write_text('{"model_type": "bert"}')
     with pytest.raises(ValueError, match="model_type is 'bert', expected 'clip'"):
         ClipScorer.from_pretrained(str(other))
+
+
+def test_score_task_adds_clip_rows_for_every_image(clip_dir: Path, tmp_path: Path) -> None:
+    """With metrics.clip_model set, every rendered image gets both CLIP metrics."""
+    from PIL import Image as PILImage
+
+    from storage.layout import SweepLayout
+    from storage.parquet_io import write_rows
+    from tasks import score
+    from tasks.demo_world import write_demo_dataset
+    from tasks.plan import RenderJobSpec
+
+    dataset = write_demo_dataset(tmp_path / "ds", count=3)
+    layout = SweepLayout(tmp_path / "sweep")
+    job = RenderJobSpec(
+        render_id="r1", sweep_id="s", sweep_root=str(layout.root),
+        base_model={"name": "m", "path": "builtin:tiny-sd15"}, base_model_path="x", checkpoint=None,
+        prompts=("a photo of zqx",), negative_prompt="", seeds=(1, 2), samplers=("Euler",), steps=(2,),
+        lora_weights=(0.0,), cfg_scales=(7.0,), width=64, height=64, trigger_word="zqx", baseline_render_id=None,
+        dataset_path=str(dataset), caption_extension=".txt", concept_trigger=None, clip_model_path=str(clip_dir))
+    rows = []
+    for seed in (1, 2):
+        path = layout.render_dir("r1") / f"img{seed}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        PILImage.fromarray(image(seed, 64)).save(path)
+        rows.append({"sweep_id": "s", "image_id": f"img{seed}", "render_id": "r1", "base_model": "m", "run_id": None,
+                     "checkpoint_id": None, "rank": None, "checkpoint_step": None, "sampler": "Euler", "steps": 2,
+                     "lora_weight": 0.0, "cfg_scale": 7.0, "prompt_index": 0, "prompt": "a photo of zqx",
+                     "negative_prompt": "", "seed": seed, "width": 64, "height": 64, "path": str(path),
+                     "render_s": 0.1})
+    write_rows("images", rows, layout.table_file("images", "r1"))
+    import pyarrow.parquet as pq
+
+    metrics = pq.read_table(score.score_job(job)).to_pylist()
+    clip = [(m["image_id"], m["metric"]) for m in metrics if m["metric"].startswith("clip_")]
+    assert sorted(clip) == sorted((f"img{s}", name) for s in (1, 2)
+                                  for name in ("clip_text_image_score", "clip_similarity_to_training"))
