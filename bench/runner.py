@@ -106,8 +106,8 @@ def gpu_settings(options: Options):
 
     if options.gpu == "dry-run":
         return GpuSettings(device="cpu", dry_run=True, peak_tflops=options.peak_tflops or 1.0,
-                           compile=options.compile, compile_backend="eager", batch=2, warmup=1, iters=2,
-                           repeats=2, train_steps=2)
+                           compile=options.compile, compile_backend="eager", batch=2, warmup=1, iters=1,
+                           repeats=2, train_steps=1)
     peak = options.peak_tflops or peak_tflops(torch.cuda.get_device_name())
     if peak is None:
         _say(f"gpu: no peak TFLOP/s known for {torch.cuda.get_device_name()!r}; pass --peak-tflops for the limit rows")
@@ -119,6 +119,7 @@ def run_and_report(options: Options) -> list[Row]:
     """Measure, print the header and the table, write Parquet + latest.md, print where they went."""
     import torch
 
+    _quiet_libraries()
     if options.threads:
         torch.set_num_threads(options.threads)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -130,6 +131,18 @@ def run_and_report(options: Options) -> list[Row]:
     parquet, latest = write_results(rows, info, Path(options.out) if options.out else RESULTS_DIR)
     print(f"\nwrote {parquet} and {latest}")
     return rows
+
+
+def _quiet_libraries() -> None:
+    """Keep the terminal for the table: library warnings that repeat per pipeline load are not news here."""
+    import warnings
+
+    import diffusers
+    import transformers
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    diffusers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.set_verbosity_error()
 
 
 _STARTED = time.perf_counter()

@@ -207,7 +207,8 @@ def dataset_summary(items: list[DatasetItem], tokenizer: Any = None, *, resoluti
     max_tokens = getattr(tokenizer, "model_max_length", 77) if tokenizer is not None else 77
     long = []
     if tokenizer is not None:
-        lengths = [len(ids) for ids in tokenizer([i.caption for i in items], truncation=False, verbose=False).input_ids]
+        tokens = tokenizer([i.caption for i in items], truncation=False, verbose=False).input_ids
+        lengths = [len(ids) for ids in tokens]
         long = [(n, i.caption) for n, i in zip(lengths, items) if n > max_tokens]
     return DatasetSummary(
         num_items=len(items), samples_per_epoch=sum(item.repeats for item in items),

@@ -70,7 +70,7 @@ class RenderJobSpec(_Frozen):
     trigger_word: str
     baseline_render_id: str | None  # the no-LoRA job of the same base model; None for that job itself
     dataset_path: str
-    caption_extension: str
+    dataset: DatasetSpec
     concept_trigger: str | None  # set when the dataset is the builtin demo world: score its concept
     clip_model_path: str | None  # a local CLIP folder: adds CLIP scores
 
@@ -137,7 +137,7 @@ def render_jobs(
     )
     scoring = dict(
         dataset_path=dataset_path,
-        caption_extension=spec.dataset.caption_extension,
+        dataset=spec.dataset,
         concept_trigger=spec.dataset.trigger_word if spec.dataset.path == "builtin:demo-world" else None,
         clip_model_path=spec.metrics.clip_model,
     )

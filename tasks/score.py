@@ -20,10 +20,11 @@ from PIL import Image
 from storage.layout import SweepLayout
 from storage.parquet_io import write_rows
 from tasks.concept_score import concept_score
-from tasks.dataset import scan_dataset
+from tasks.dataset_sources import load_items
 from tasks.demo_world import DEMO_CONCEPT
 from tasks.metrics import GROUP_METRICS, TrainingSetFeatures, compute_image_metrics, diversity_across_seeds
 from tasks.plan import RenderJobSpec
+from tasks.spec import DatasetSpec
 
 log = logging.getLogger(__name__)
 CONCEPT_METRIC = "concept_score"  # in [0, 1]; ground truth of the demo world, higher is better
@@ -38,7 +39,7 @@ def score_job(job: RenderJobSpec) -> Path:
     if out.exists():
         return out
     images = pq.read_table(layout.table_file("images", job.render_id)).to_pylist()
-    training = _training_features(job.dataset_path, job.caption_extension)
+    training = _training_features(job.dataset_path, job.dataset.model_dump_json())
     baseline_paths = _baseline_paths(layout, job)
     rows: list[dict[str, object]] = []
     pixels: dict[str, np.ndarray] = {}
@@ -61,18 +62,18 @@ def score_job(job: RenderJobSpec) -> Path:
 
 def _clip_rows(job: RenderJobSpec, images: list[dict], pixels: dict[str, np.ndarray]) -> list[dict[str, object]]:
     """CLIP text-image score and CLIP similarity to the training set, batched over the job."""
-    scorer, training = _clip_scorer(job.clip_model_path, job.dataset_path, job.caption_extension)
+    scorer, training = _clip_scorer(job.clip_model_path, job.dataset_path, job.dataset.model_dump_json())
     scores = scorer.score([pixels[i["image_id"]] for i in images], [i["prompt"] for i in images], training)
     return [_row(job, image["image_id"], v.metric, v.value, v.higher_is_better, v.reference_id)
             for image, values in zip(images, scores) for v in values]
 
 
 @lru_cache(maxsize=2)
-def _clip_scorer(model_path: str, dataset_path: str, caption_extension: str):
+def _clip_scorer(model_path: str, dataset_path: str, dataset_json: str):
     from tasks.clip_metrics import ClipScorer
 
     scorer = ClipScorer.from_pretrained(model_path)
-    items = scan_dataset(Path(dataset_path), caption_extension=caption_extension)
+    items = _training_items(dataset_path, dataset_json)
     return scorer, scorer.embed_training([i.image_id for i in items], [_load(str(i.path)) for i in items])
 
 
@@ -106,9 +107,14 @@ def _baseline_paths(layout: SweepLayout, job: RenderJobSpec) -> dict[tuple, str]
     return {_baseline_key(r): r["path"] for r in pq.read_table(table).to_pylist()}
 
 
+def _training_items(dataset_path: str, dataset_json: str) -> list:
+    """The training images as the run saw them (any dataset source); no captioner: captions are not needed."""
+    return load_items(DatasetSpec.model_validate_json(dataset_json), Path(dataset_path), min_size=8)
+
+
 @lru_cache(maxsize=8)
-def _training_features(dataset_path: str, caption_extension: str) -> TrainingSetFeatures:
-    items = scan_dataset(Path(dataset_path), caption_extension=caption_extension)
+def _training_features(dataset_path: str, dataset_json: str) -> TrainingSetFeatures:
+    items = _training_items(dataset_path, dataset_json)
     return TrainingSetFeatures.from_images([i.image_id for i in items], [_load(str(i.path)) for i in items])
 
 

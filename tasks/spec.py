@@ -230,6 +230,14 @@ class SweepSpec(_Frozen):
         return content_id(self.model_dump(mode="json"))
 
 
+def _absolute_captioner(value: str | None, absolute) -> str | None:
+    """`blip:relative/folder` resolves against the spec's folder like every other path."""
+    if value is None or ":" not in value:
+        return value
+    kind, _, path = value.partition(":")
+    return f"{kind}:{absolute(path)}"
+
+
 def _check_builtin(value: str, allowed: tuple[str, ...]) -> None:
     if value.startswith(BUILTIN_PREFIX) and value[len(BUILTIN_PREFIX) :] not in allowed:
         names = ", ".join(BUILTIN_PREFIX + a for a in allowed)
@@ -294,7 +302,8 @@ def resolve_paths(spec: SweepSpec, base: Path) -> SweepSpec:
         update={
             "metrics": metrics,
             "output_dir": absolute(spec.output_dir),
-            "dataset": spec.dataset.model_copy(update={"path": absolute(spec.dataset.path)}),
+            "dataset": spec.dataset.model_copy(update={"path": absolute(spec.dataset.path),
+                                                       "captioner": _absolute_captioner(spec.dataset.captioner, absolute)}),
             "base_models": models,
         }
     )

@@ -26,7 +26,11 @@ from storage.layout import SweepLayout
 from storage.parquet_io import write_rows
 from tasks.base_model import MODEL_BUILD_LOCK, load_pipeline
 from tasks.checkpoint_io import DIFFUSERS_FILE, checkpoint_complete, load_training_state, save_checkpoint
-from tasks.dataset import DatasetItem, load_training_image, scan_dataset
+import numpy as np
+
+from tasks.captions import load_captioner, training_caption
+from tasks.dataset import DatasetItem, load_training_image
+from tasks.dataset_sources import load_items
 from tasks.plan import CheckpointRef, TrainingRunSpec, checkpoint_id
 
 log = logging.getLogger(__name__)
@@ -61,7 +65,8 @@ def train_lora(run: TrainingRunSpec) -> TrainingResult:
 
 def _train(run: TrainingRunSpec, layout: SweepLayout) -> dict[str, float]:
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    items = scan_dataset(Path(run.dataset_path), caption_extension=run.dataset.caption_extension)
+    captioner = load_captioner(run.dataset.captioner, device=device) if run.dataset.captioner else None
+    items = load_items(run.dataset, Path(run.dataset_path), min_size=8, captioner=captioner)
     pipe = load_pipeline(run.base_model_path, config=run.base_model.config, device=device)
     resume = _latest_training_state(run, layout)
     checkpoint_rows: list[dict[str, object]] = list(resume["checkpoint_rows"]) if resume else []
@@ -132,9 +137,25 @@ def fit_lora(pipe, run: TrainingRunSpec, items: list[DatasetItem], *, device: st
         first_step = resume["step"] + 1
     unet.train()
 
+    # kohya-style repeats weight the sampling; all-1 keeps the plain uniform draw (and its RNG stream).
+    repeats = torch.tensor([item.repeats for item in items], dtype=torch.float)
+    weighted = bool((repeats != 1).any())
+    ds = run.dataset
+    per_step_captions = ds.caption_dropout > 0 or ds.shuffle_tags
+
     progress = tqdm(range(first_step, run.max_steps + 1), desc=f"train {run.run_id}", leave=False)
     for step in progress:
-        index = torch.randint(0, len(items), (run.batch_size,), generator=generator)
+        if weighted:
+            index = torch.multinomial(repeats, run.batch_size, replacement=True, generator=generator)
+        else:
+            index = torch.randint(0, len(items), (run.batch_size,), generator=generator)
+        if per_step_captions:  # dropout / tag shuffle change the text each step: encode it each step
+            rng = np.random.default_rng([run.seed, step])  # seeded by step, so a resumed run sees the same text
+            captions = [training_caption(items[i].caption, rng, dropout=ds.caption_dropout, shuffle=ds.shuffle_tags,
+                                         keep_tokens=ds.keep_tokens) for i in index.tolist()]
+            encoder_states = _encode_captions(captions, text_encoder, tokenizer, device)
+        else:
+            encoder_states = embeddings[index].to(device)
         clean = latents[index].to(device)
         noise = torch.randn(clean.shape, generator=generator).to(device)
         timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (run.batch_size,),
@@ -145,7 +166,7 @@ def fit_lora(pipe, run: TrainingRunSpec, items: list[DatasetItem], *, device: st
         else:
             target = noise
 
-        prediction = unet(noisy, timesteps, embeddings[index].to(device)).sample
+        prediction = unet(noisy, timesteps, encoder_states).sample
         loss = F.mse_loss(prediction.float(), target.float())
         if not torch.isfinite(loss):
             raise FloatingPointError(f"loss became {loss.item()} at step {step}; lower training.learning_rate")
@@ -168,15 +189,21 @@ def _encode_dataset(items: list[DatasetItem], resolution: int, vae, text_encoder
     pixels = torch.stack([
         torch.from_numpy(load_training_image(item.path, resolution)).permute(2, 0, 1) for item in items
     ])
-    tokens = tokenizer([item.caption for item in items], padding="max_length", truncation=True,
-                       max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
     with torch.no_grad():
         latents = []
         for chunk in pixels.split(8):
             dist = vae.encode(chunk.to(device, vae.dtype)).latent_dist
             latents.append(dist.sample(generator=generator).cpu() if device == "cpu" else dist.sample().cpu())
-        embeddings = text_encoder(tokens.to(device))[0].cpu()
+    embeddings = _encode_captions([item.caption for item in items], text_encoder, tokenizer, device).cpu()
     return torch.cat(latents) * vae.config.scaling_factor, embeddings
+
+
+def _encode_captions(captions: list[str], text_encoder, tokenizer, device: str) -> torch.Tensor:
+    """Frozen text-encoder hidden states for a list of captions (truncated at the tokenizer's 77 tokens)."""
+    tokens = tokenizer(captions, padding="max_length", truncation=True, max_length=tokenizer.model_max_length,
+                       return_tensors="pt").input_ids
+    with torch.no_grad():
+        return text_encoder(tokens.to(device))[0]
 
 
 def _checkpoint_row(run: TrainingRunSpec, layout: SweepLayout, step: int, losses: list[float],

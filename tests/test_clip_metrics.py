@@ -153,7 +153,7 @@ def test_score_task_adds_clip_rows_for_every_image(clip_dir: Path, tmp_path: Pat
         base_model={"name": "m", "path": "builtin:tiny-sd15"}, base_model_path="x", checkpoint=None,
         prompts=("a photo of zqx",), negative_prompt="", seeds=(1, 2), samplers=("Euler",), steps=(2,),
         lora_weights=(0.0,), cfg_scales=(7.0,), width=64, height=64, trigger_word="zqx", baseline_render_id=None,
-        dataset_path=str(dataset), caption_extension=".txt", concept_trigger=None, clip_model_path=str(clip_dir))
+        dataset_path=str(dataset), dataset={"path": str(dataset), "trigger_word": "zqx"}, concept_trigger=None, clip_model_path=str(clip_dir))
     rows = []
     for seed in (1, 2):
         path = layout.render_dir("r1") / f"img{seed}.png"

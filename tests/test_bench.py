@@ -1,0 +1,93 @@
+"""Smoke test of `python -m bench` at quick sizes: every row is there and every figure is finite and
+positive. No timing thresholds: these machines are shared, so speed is reported, never asserted.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from bench.__main__ import main, parse_args
+from bench.runner import Options, collect
+from bench.table import RunInfo, format_table, write_results
+
+TRAIN = ["ours: fit_lora (latents + text cached once)", "notebook: VAE + text encode every step",
+         "ours / notebook steps/s"]
+RENDER = ["ours: render_job (load once, batched)", "notebook: load pipeline + LoRA per image, batch 1",
+          "bare: pipe() batched, all loaded, no I/O", "ours / notebook images/s", "bare / ours images/s (our overhead)",
+          "ours overhead per image"]
+GRID = [f"render_job {k}x cells: {what}" for k in (1, 4, 16) for what in ("wall time", "images/s")] + [
+    "time 4x / 1x", "time 16x / 1x"]
+FLOW = ["flow wall time", "compute: training loops (sum runs.wall_time_s)", "compute: renders (sum images.render_s)",
+        "flow wall / compute", "wall - compute", "re-run of the finished sweep (all skipped)",
+        "child process start: python -c 'import tasks.train'"]
+MEMORY = ["train ours: peak memory", "train notebook: peak memory", "render ours: peak memory",
+          "render notebook: peak memory", "flow peak memory (process + children)"]
+
+
+def gpu_rows(label: str, *, reference: bool) -> list[tuple[str, str]]:
+    """The GPU suite's rows for one toy case of a dry run (batch 2; compiled only for the reference case)."""
+    variants = ["fp16 SDPA b1", "fp16 SDPA b2", "fp16 SDPA channels_last b1", "fp16 classic attention (no SDPA) b1",
+                "fp16 + LoRA r16 unfused b1", "fp16 + LoRA r16 fused b1", "bf16 SDPA b1"]
+    variants += ["fp16 SDPA torch.compile b1"] if reference else []
+    rows = [("gpu", f"{label} render {v}") for v in variants]
+    rows += [("gpu", f"{label} {n}") for n in (
+        "UNet FLOPs per it (CFG: 2 latents)", "render FLOP-bound limit", "render best b1 / FLOP-bound limit",
+        "render fp16 SDPA b2 / FLOP-bound limit", "train LoRA r16 bf16 autocast b1", "train FLOP-bound limit",
+        "train / FLOP-bound limit")]
+    rows += [("memory", f"{label} render b2: peak memory"), ("memory", f"{label} train: peak memory")]
+    if reference:
+        rows += [("gpu", f"{label} render fp16 SDPA b1 / published {name}")
+                 for name in ("plain diffusers (54 it/s)", "stable-fast (105 it/s)")]
+    return rows
+
+
+EXPECTED = {("train", n) for n in TRAIN} | {("render", n) for n in RENDER} | {("grid", n) for n in GRID} | {
+    ("flow", n) for n in FLOW} | {("memory", n) for n in MEMORY} | set(gpu_rows("toy-sd15 16px", reference=True)) | set(
+    gpu_rows("toy-sdxl 32px", reference=False))
+
+
+@pytest.fixture(scope="module")
+def quick_rows(prefect_harness, tmp_path_factory: pytest.TempPathFactory):
+    """Every suite at quick sizes, the GPU suite as a CPU dry run with torch.compile (eager backend)."""
+    options = Options(quick=True, suites=("train", "render", "grid", "flow", "gpu"), gpu="dry-run", compile=True)
+    return collect(options, tmp_path_factory.mktemp("bench"), harness=False)
+
+
+def test_quick_run_has_every_row_with_finite_positive_figures(quick_rows) -> None:
+    assert {(r.suite, r.name) for r in quick_rows} == EXPECTED
+    assert len(quick_rows) == len(EXPECTED), "a row appears twice"
+    bad = [(r.name, r.samples) for r in quick_rows
+           if not r.samples or not all(math.isfinite(x) and x > 0 for x in (*r.samples, r.value))]
+    assert bad == []
+
+
+def test_table_and_result_files_hold_every_row(quick_rows, tmp_path: Path) -> None:
+    info = RunInfo.collect("quick+dry-run", "cpu")
+    table = format_table(quick_rows)
+    assert all(r.name in table for r in quick_rows)
+    parquet, latest = write_results(quick_rows, info, tmp_path)
+    written = pq.read_table(parquet).to_pylist()
+    assert [(w["suite"], w["name"], w["value"]) for w in written] == [(r.suite, r.name, r.value) for r in quick_rows]
+    assert all(w["load_1m"] >= 0 and w["git_sha"] is not None for w in written)
+    assert latest.read_text().count("\n| ") == len(quick_rows) + 1  # header row + one per figure
+
+
+def test_gpu_mode_without_cuda_exits_with_a_clear_message(capsys: pytest.CaptureFixture[str]) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is present: --gpu would run")
+    assert main(["--gpu", "--out", "/nonexistent"]) == 2
+    err = capsys.readouterr().err
+    assert "--gpu needs CUDA" in err and "--gpu-dry-run" in err
+
+
+def test_bad_options_are_reported_together(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        parse_args(["--compile", "--only", "train,gpu", "--threads", "0"])
+    err = capsys.readouterr().err
+    assert "--compile applies to the GPU suite" in err and "unknown suite(s) ['gpu']" in err and "--threads 0" in err
