@@ -32,7 +32,8 @@ def parse_args(argv: list[str] | None) -> Options:
     parser.add_argument("--peak-tflops", type=float, help="GPU suite: the card's dense bf16 peak, if not known")
     parser.add_argument("--only", help=f"comma-separated suites (default: all of {','.join(CPU_SUITES)}, plus gpu "
                                        "with --gpu or --gpu-dry-run)")
-    parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
+    parser.add_argument("--threads", type=int, help="torch threads here and in child processes (default: torch's "
+                                                     "choice); 1 keeps figures stable on a busy shared machine")
     parser.add_argument("--out", default=None, help="results folder (default: bench/results)")
     args = parser.parse_args(argv)
     problems = []

@@ -1,5 +1,5 @@
 """GPU throughput of full-size UNets: LoRA training it/s and render UNet it/s across the usual
-speed-ups (SDPA, channels_last, fp16/bf16, batching, fused LoRA, torch.compile), against
+speed-ups (SDPA, channels_last, fp16/bf16 vs fp32, batching, fused LoRA, torch.compile), against
 published figures and the card's FLOP-bound limit.
 
 One "it" is one denoising step of one image: with classifier-free guidance, a UNet call on two
@@ -72,6 +72,8 @@ def _render_rows(case: UNetCase, s: GpuSettings) -> list[Row]:
         its["fp16 SDPA torch.compile b1"] = _compiled_its(unet, one, s)
     unet.to(dtype=torch.bfloat16)
     its["bf16 SDPA b1"] = _its(unet, case.inputs(1, s.device, torch.bfloat16), 1, s)
+    unet.to(dtype=torch.float32)  # what tasks.render.render_job loads today (load_pipeline's default)
+    its["fp32 SDPA b1"] = _its(unet, case.inputs(1, s.device, torch.float32), 1, s)
     del unet
     rows = [Row(SUITE, f"{case.label} render {name}", "it/s", samples, _what(case, s)) for name, samples in its.items()]
     rows.append(Row("memory", f"{case.label} render b{s.batch}: peak memory", "MiB", (memory,), _memory_note(s)))
@@ -99,8 +101,31 @@ def _compiled_its(unet, inputs: dict, s: GpuSettings) -> tuple[float, ...]:
 
 
 def _train_rows(case: UNetCase, s: GpuSettings) -> list[Row]:
-    """LoRA rank 16 on the attention projections, batch 1, bf16 autocast, AdamW; base weights bf16."""
-    unet = case.build(s.device, torch.bfloat16)
+    """LoRA training it/s with bf16 autocast (bf16 base weights) and in fp32, as tasks.train.fit_lora runs today."""
+    rows: list[Row] = []
+    for mixed in (True, False):
+        precision = "bf16 autocast" if mixed else "fp32"
+        try:
+            samples, flops, memory = _train_its(case, s, mixed=mixed)
+        except torch.cuda.OutOfMemoryError as err:  # a size that does not fit is a result, not a crash
+            _free_memory()
+            rows.append(Row(SUITE, f"{case.label} train LoRA r{LORA_RANK} {precision} b1", "it/s", (float("nan"),),
+                            f"CUDA out of memory: {str(err).splitlines()[0][:80]}"))
+            continue
+        rows += [Row(SUITE, f"{case.label} train LoRA r{LORA_RANK} {precision} b1", "it/s", samples, _what(case, s)),
+                 Row("memory", f"{case.label} train {precision}: peak memory", "MiB", (memory,), _memory_note(s))]
+        if mixed and s.peak_tflops:
+            limit = s.peak_tflops * 1e12 / flops
+            rows += [Row(SUITE, f"{case.label} train FLOP-bound limit", "it/s", (limit,),
+                         f"{s.peak_tflops:g} TFLOP/s / {flops / 1e9:.3g} GFLOP per step (fwd + bwd)"),
+                     ratio_row(SUITE, f"{case.label} train bf16 / FLOP-bound limit", samples,
+                               [limit] * len(samples), "fraction of the card's peak")]
+    return rows
+
+
+def _train_its(case: UNetCase, s: GpuSettings, *, mixed: bool) -> tuple[tuple[float, ...], int, float]:
+    """Steps/s of rank-16 LoRA training (attention projections, batch 1, AdamW), FLOPs per step, peak MiB."""
+    unet = case.build(s.device, torch.bfloat16 if mixed else torch.float32)
     unet.add_adapter(LoraConfig(r=LORA_RANK, lora_alpha=LORA_RANK, init_lora_weights="gaussian",
                                 target_modules=list(LORA_TARGETS)), adapter_name=ADAPTER)
     params = [p for p in unet.parameters() if p.requires_grad]
@@ -112,7 +137,7 @@ def _train_rows(case: UNetCase, s: GpuSettings) -> list[Row]:
     target = torch.randn_like(inputs["sample"])
 
     def step() -> None:
-        with torch.autocast(device_type=s.device, dtype=torch.bfloat16):
+        with torch.autocast(device_type=s.device, dtype=torch.bfloat16, enabled=mixed):
             prediction = unet(**inputs).sample
         loss = F.mse_loss(prediction.float(), target)
         optimizer.zero_grad(set_to_none=True)
@@ -125,18 +150,8 @@ def _train_rows(case: UNetCase, s: GpuSettings) -> list[Row]:
     with PeakCudaMemory() as gpu, PeakRss() as rss:
         seconds = [timed(lambda: [step() for _ in range(s.train_steps)], cuda_sync) for _ in range(s.repeats)]
     del unet, optimizer, params
-    samples = tuple(s.train_steps / t for t in seconds)
-    name = f"{case.label} train LoRA r{LORA_RANK} bf16 autocast b1"
-    rows = [Row(SUITE, name, "it/s", samples, _what(case, s)),
-            Row("memory", f"{case.label} train: peak memory", "MiB",
-                (gpu.peak_mb if s.device == "cuda" else rss.peak_mb,), _memory_note(s))]
-    if s.peak_tflops:
-        limit = s.peak_tflops * 1e12 / flops
-        rows += [Row(SUITE, f"{case.label} train FLOP-bound limit", "it/s", (limit,),
-                     f"{s.peak_tflops:g} TFLOP/s / {flops / 1e9:.3g} GFLOP per step (fwd + bwd)"),
-                 ratio_row(SUITE, f"{case.label} train / FLOP-bound limit", samples, [limit] * len(samples),
-                           "fraction of the card's peak")]
-    return rows
+    _free_memory()
+    return tuple(s.train_steps / t for t in seconds), flops, gpu.peak_mb if s.device == "cuda" else rss.peak_mb
 
 
 def _limit_rows(case: UNetCase, s: GpuSettings, flops: int, its: dict[str, tuple[float, ...]]) -> list[Row]:

@@ -92,7 +92,7 @@ class UNetCase:
 def gpu_cases(dry_run: bool) -> list[UNetCase]:
     """SD1.5- and SDXL-size UNets at 512 and 1024 px; for a dry run, one toy case of each architecture."""
     if dry_run:
-        return [UNetCase("toy-sd15", TOY_SD15_CONFIG, 16, reference=True), UNetCase("toy-sdxl", TOY_SDXL_CONFIG, 32)]
+        return [UNetCase("toy-sd15", TOY_SD15_CONFIG, 32, reference=True), UNetCase("toy-sdxl", TOY_SDXL_CONFIG, 64)]
     return [UNetCase("sd15", SD15_CONFIG, 512, reference=True), UNetCase("sd15", SD15_CONFIG, 1024),
             UNetCase("sdxl", SDXL_CONFIG, 512), UNetCase("sdxl", SDXL_CONFIG, 1024)]
 

@@ -67,23 +67,19 @@ def cuda_sync() -> None:
 
 
 class PeakRss:
-    """Peak resident memory (MiB) of this process and its children while the block runs.
+    """Peak resident memory (MiB) of this process (and its children, if asked) while the block runs.
 
     psutil is sampled every `interval` s in a thread; without psutil the process-lifetime
-    ru_maxrss is used, which cannot be reset, so the figure is then an upper bound.
+    ru_maxrss is used, which cannot be reset, so the figure is then an upper bound. Listing
+    children scans /proc, so it is only done when asked (the flow's training child processes).
     """
 
-    def __init__(self, interval: float = 0.01) -> None:
+    def __init__(self, interval: float = 0.02, *, children: bool = False) -> None:
         self.interval = interval
-        self.start_mb = 0.0
+        self.children = children
         self.peak_mb = 0.0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-
-    @property
-    def growth_mb(self) -> float:
-        """How far the peak rose above the resident memory at the start of the block."""
-        return self.peak_mb - self.start_mb
 
     def __enter__(self) -> PeakRss:
         try:
@@ -92,7 +88,6 @@ class PeakRss:
             return self
         self._proc = psutil.Process()
         self._sample()
-        self.start_mb = self.peak_mb
         self._thread = threading.Thread(target=self._loop, daemon=True)
         self._thread.start()
         return self
@@ -113,7 +108,7 @@ class PeakRss:
         import psutil
 
         total = 0
-        for proc in [self._proc, *self._proc.children(recursive=True)]:
+        for proc in [self._proc, *(self._proc.children(recursive=True) if self.children else [])]:
             try:
                 total += proc.memory_info().rss
             except psutil.Error:  # a child that just exited

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import tempfile
 import time
@@ -122,6 +123,7 @@ def run_and_report(options: Options) -> list[Row]:
     _quiet_libraries()
     if options.threads:
         torch.set_num_threads(options.threads)
+        os.environ["OMP_NUM_THREADS"] = str(options.threads)  # the flow's training child processes too
     device = "cuda" if torch.cuda.is_available() else "cpu"
     info = RunInfo.collect(options.mode, device)
     with tempfile.TemporaryDirectory(prefix="lora-sweep-bench-") as scratch:

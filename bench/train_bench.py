@@ -61,7 +61,7 @@ def _measure(train, run: TrainingRunSpec, device: str) -> tuple[float, float]:
         train(marks)
     clock = [marks[s] for s in run.checkpoint_steps]
     step_times = [b - a for a, b in zip(clock, clock[1:])]
-    return statistics.median(step_times) * len(step_times), gpu.peak_mb if device == "cuda" else rss.growth_mb
+    return statistics.median(step_times) * len(step_times), gpu.peak_mb if device == "cuda" else rss.peak_mb
 
 
 def _mark(marks: dict[int, float], step: int, run: TrainingRunSpec) -> None:
@@ -84,4 +84,4 @@ def _run_notebook(run: TrainingRunSpec, items: list[DatasetItem], device: str, m
 def _memory_label(device: str) -> tuple[str, str]:
     if device == "cuda":
         return "MiB", "torch.cuda.max_memory_allocated"
-    return "MiB", "process RSS peak above its level at the start (psutil, sampled every 10 ms)"
+    return "MiB", "process RSS peak during the call (psutil, sampled every 20 ms)"

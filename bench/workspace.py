@@ -6,6 +6,8 @@ benchmarks time exactly what a sweep runs.
 
 from __future__ import annotations
 
+import contextlib
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,7 +47,8 @@ class Workspace:
     @classmethod
     def create(cls, root: Path, **overrides: int) -> Workspace:
         spec = parse_spec(sweep_data(root, **overrides), "bench workspace")
-        inputs = prepare_inputs(spec)  # builds the tiny model and the demo dataset on first use
+        with contextlib.redirect_stdout(sys.stderr):  # its dataset summary would land inside the table
+            inputs = prepare_inputs(spec)  # builds the tiny model and the demo dataset on first use
         runs = training_runs(spec, inputs.model_paths, inputs.dataset_path, inputs.dataset_fingerprint)
         return cls(root, spec, inputs, runs[0])
 
