@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gc
 import statistics
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -44,10 +45,13 @@ class GpuSettings:
 
 def bench_gpu(settings: GpuSettings) -> list[Row]:
     """Rows for every case: render it/s per variant, FLOPs and the FLOP-bound limit, training it/s."""
+    from bench.table import format_table
+
     rows: list[Row] = []
     for case in gpu_cases(settings.dry_run):
-        rows += _render_rows(case, settings)
-        rows += _train_rows(case, settings)
+        case_rows = _render_rows(case, settings) + _train_rows(case, settings)
+        print(format_table(case_rows), file=sys.stderr, flush=True)  # kept even if a later case is cut off
+        rows += case_rows
         _free_memory()
     return rows
 

@@ -206,10 +206,15 @@ def _sample_rng(seed: int, index: int, stream: int) -> np.random.Generator:
     return np.random.default_rng([seed, index, stream])
 
 
-def world_samples(count: int, size: int = 64, seed: int = 0) -> Iterator[Sample]:
-    """Yield (image, caption, attributes) for `count` random world scenes; arguments checked at call."""
+def world_samples(count: int, size: int = 64, seed: int = 0, first: int = 0) -> Iterator[Sample]:
+    """Yield (image, caption, attributes) for world scenes first..first+count-1; arguments checked at call.
+
+    Scene i depends only on (seed, i), so slices drawn in parallel equal one long draw.
+    """
     _raise_problems(_size_count_seed_problems(count, size, seed))
-    scenes = (world_scene(_sample_rng(seed, i, 0)) for i in range(count))
+    if not _is_int(first) or first < 0:
+        _raise_problems([f"first={first!r}: must be an integer >= 0"])
+    scenes = (world_scene(_sample_rng(seed, i, 0)) for i in range(first, first + count))
     return ((render_scene(sc, size), sc.caption(), asdict(sc)) for sc in scenes)
 
 

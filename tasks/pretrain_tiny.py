@@ -20,6 +20,7 @@ import json
 import math
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -59,7 +60,9 @@ class PretrainConfig:
     ema_decay: float = 0.998
     grad_clip: float = 1.0
     threads: int = 1
-    device: str = "cpu"  # "cuda" trains on a GPU; random draws still come from the seeded CPU generator
+    device: str = "cpu"
+    max_seconds: float = 0.0  # > 0: stop the denoiser stage early at this wall time and save (recorded)
+    data_processes: int = 1  # processes drawing world images (the images do not depend on it)  # "cuda" trains on a GPU; random draws still come from the seeded CPU generator
 
 
 def lr_factor(step: int, total: int, warmup: int) -> float:
@@ -70,14 +73,31 @@ def lr_factor(step: int, total: int, warmup: int) -> float:
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def world_data(cfg: PretrainConfig) -> tuple[torch.Tensor, list[str]]:
-    """World images as uint8 NCHW plus their captions, drawn from the world generator's seed."""
+def _world_slice(args: tuple[int, int, int, int]) -> tuple[np.ndarray, list[str]]:
+    first, count, size, seed = args
     images, captions = [], []
-    for image, caption, _ in tqdm(world_samples(cfg.num_images, cfg.size, cfg.seed), total=cfg.num_images,
-                                  desc="world images"):
+    for image, caption, _ in world_samples(count, size, seed, first=first):
         images.append(np.asarray(image, dtype=np.uint8))
         captions.append(caption)
-    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous(), captions
+    return np.stack(images), captions
+
+
+def world_data(cfg: PretrainConfig, processes: int = 1) -> tuple[torch.Tensor, list[str]]:
+    """World images as uint8 NCHW plus their captions, drawn from the world generator's seed.
+
+    Scene i depends only on (seed, i), so drawing slices in `processes` processes gives the same data.
+    """
+    chunk = 500
+    slices = [(first, min(chunk, cfg.num_images - first), cfg.size, cfg.seed)
+              for first in range(0, cfg.num_images, chunk)]
+    if processes > 1:
+        with ProcessPoolExecutor(processes) as pool:
+            parts = list(pool.map(_world_slice, slices))
+    else:
+        parts = [_world_slice(s) for s in tqdm(slices, desc="world images")]
+    images = np.concatenate([p[0] for p in parts])
+    captions = [c for p in parts for c in p[1]]
+    return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), captions
 
 
 def to_unit_range(batch: torch.Tensor) -> torch.Tensor:
@@ -151,8 +171,10 @@ def normalise_latent_space(vae, pixels: torch.Tensor, generator: torch.Generator
 
 
 def train_denoiser(unet, text_encoder, tokenizer, scheduler_config, latents: torch.Tensor, captions: list[str],
-                   cfg: PretrainConfig, generator: torch.Generator) -> tuple[dict, dict, float]:
-    """UNet + text encoder, epsilon-prediction MSE; returns the EMA state dicts and the final loss."""
+                   cfg: PretrainConfig, generator: torch.Generator,
+                   deadline: float | None = None) -> tuple[dict, dict, float, int]:
+    """UNet + text encoder, epsilon-prediction MSE; returns the EMA state dicts, the final loss and
+    the steps done (fewer than cfg.unet_steps only when `deadline`, a perf_counter time, passed)."""
     captions_or_empty = sorted(set(captions)) + [""]
     lookup = {c: i for i, c in enumerate(captions_or_empty)}
     caption_index = torch.tensor([lookup[c] for c in captions])
@@ -166,12 +188,27 @@ def train_denoiser(unet, text_encoder, tokenizer, scheduler_config, latents: tor
         {"params": list(unet.parameters()), "lr": cfg.unet_lr, "weight_decay": 1e-2},
         {"params": list(text_encoder.parameters()), "lr": cfg.text_lr, "weight_decay": 0.0},
     ])
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg.unet_steps, cfg.warmup_steps))
+    total = [cfg.unet_steps]  # shortened once, early, when the deadline cannot fit them all
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total[0], cfg.warmup_steps))
     ema = {name: {k: v.detach().clone() for k, v in m.state_dict().items()}
            for name, m in (("unet", unet), ("text_encoder", text_encoder))}
     recent: list[float] = []
     progress = tqdm(range(1, cfg.unet_steps + 1), desc="unet+text")
+    step, loop_started = 0, time.perf_counter()
     for step in progress:
+        if step > total[0]:
+            step -= 1
+            break
+        if deadline is not None and step == 101:  # fit the cosine schedule into the time left
+            per_step = (time.perf_counter() - loop_started) / 100
+            affordable = 100 + int((deadline - time.perf_counter()) / per_step)
+            if affordable < total[0]:
+                total[0] = max(affordable, 101)
+                print(f"unet: {per_step * 1e3:.1f} ms/step; schedule shortened to {total[0]} steps", flush=True)
+        if deadline is not None and time.perf_counter() > deadline + 30:
+            print(f"unet: time limit reached after {step - 1} steps", flush=True)
+            step -= 1
+            break
         index = torch.randint(0, len(latents), (cfg.unet_batch,), generator=generator)
         which = caption_index[index].clone()
         which[torch.rand(cfg.unet_batch, generator=generator) < cfg.caption_dropout] = empty
@@ -190,18 +227,19 @@ def train_denoiser(unet, text_encoder, tokenizer, scheduler_config, latents: tor
         scheduler.step()
         update_ema(ema, unet, text_encoder, min(cfg.ema_decay, (1 + step) / (10 + step)))
         recent = (recent + [loss.item()])[-100:]
-        if step % 200 == 0 or step == cfg.unet_steps:
-            print(f"unet step {step}/{cfg.unet_steps}: loss {np.mean(recent):.4f}", flush=True)
-    return ema["unet"], ema["text_encoder"], float(np.mean(recent))
+        if step % 200 == 0 or step == total[0]:
+            print(f"unet step {step}/{total[0]}: loss {np.mean(recent):.4f}", flush=True)
+    return ema["unet"], ema["text_encoder"], float(np.mean(recent)), step
 
 
 @torch.no_grad()
 def update_ema(ema: dict[str, dict[str, torch.Tensor]], unet, text_encoder, decay: float) -> None:
     for name, module in (("unet", unet), ("text_encoder", text_encoder)):
-        for key, value in module.state_dict().items():
-            if value.dtype.is_floating_point:
-                ema[name][key].lerp_(value, 1.0 - decay)
-            else:
+        state = module.state_dict()
+        floats = [k for k, v in state.items() if v.dtype.is_floating_point]
+        torch._foreach_lerp_([ema[name][k] for k in floats], [state[k] for k in floats], 1.0 - decay)
+        for key, value in state.items():
+            if not value.dtype.is_floating_point:
                 ema[name][key].copy_(value)
 
 
@@ -227,16 +265,17 @@ def pretrain(cfg: PretrainConfig, out: Path) -> dict:
         components[name].to(cfg.device)
     if cfg.device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # fp32 as on CPU
-    pixels, captions = world_data(cfg)
+    pixels, captions = world_data(cfg, processes=cfg.data_processes)
     pixels = pixels.to(cfg.device)
     generator = torch.Generator().manual_seed(cfg.seed)
     vae_loss = train_vae(components["vae"], pixels, cfg, generator)
     vae_done = time.perf_counter()
     components["vae"].requires_grad_(False)
     latents = normalise_latent_space(components["vae"], pixels, generator)
-    unet_ema, text_ema, unet_loss = train_denoiser(components["unet"], components["text_encoder"],
-                                                   components["tokenizer"], components["scheduler"].config, latents,
-                                                   captions, cfg, generator)
+    deadline = started + cfg.max_seconds if cfg.max_seconds > 0 else None
+    unet_ema, text_ema, unet_loss, unet_steps_done = train_denoiser(
+        components["unet"], components["text_encoder"], components["tokenizer"], components["scheduler"].config,
+        latents, captions, cfg, generator, deadline)
     components["unet"].load_state_dict(unet_ema)
     components["text_encoder"].load_state_dict(text_ema)
     for name in ("unet", "text_encoder", "vae"):
@@ -244,7 +283,7 @@ def pretrain(cfg: PretrainConfig, out: Path) -> dict:
     finished = time.perf_counter()
     record = {
         "script": "tasks.pretrain_tiny", "config": asdict(cfg), "world_generator_version": GENERATOR_VERSION,
-        "vae_reconstruction_loss": vae_loss, "unet_final_loss": unet_loss,
+        "vae_reconstruction_loss": vae_loss, "unet_final_loss": unet_loss, "unet_steps_done": unet_steps_done,
         "vae_seconds": round(vae_done - started, 1), "total_seconds": round(finished - started, 1),
         "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__},
         "device_name": torch.cuda.get_device_name() if cfg.device.startswith("cuda") else "cpu",
