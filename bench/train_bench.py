@@ -73,7 +73,7 @@ def _mark(marks: dict[int, float], step: int, run: TrainingRunSpec) -> None:
 def _run_ours(run: TrainingRunSpec, items: list[DatasetItem], device: str, marks: dict[int, float]) -> None:
     pipe = load_pipeline(run.base_model_path, config=run.base_model.config, device=device)
     fit_lora(pipe, run, items, device=device, losses=[],
-             on_checkpoint=lambda step, optimizer, generator: _mark(marks, step, run))
+             on_checkpoint=lambda step, *_: _mark(marks, step, run))
 
 
 def _run_notebook(run: TrainingRunSpec, items: list[DatasetItem], device: str, marks: dict[int, float]) -> None:

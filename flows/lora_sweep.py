@@ -14,20 +14,15 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
+from prefect.futures import PrefectFuture
 from prefect.states import Failed
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from flows.execution import sweep_executor
 from storage.catalog import Manifest, connect
 from storage.layout import SweepLayout
 from tasks.plan import CheckpointRef, render_jobs, sweep_root, training_runs
-from tasks.prefect_tasks import (
-    catalog_task,
-    load_spec_task,
-    prepare_inputs_task,
-    render_task,
-    report_task,
-    train_task,
-)
+from tasks.prefect_tasks import catalog_task, load_spec_task, prepare_inputs_task, report_task
 
 
 @flow(name="lora-sweep", task_runner=ThreadPoolTaskRunner(max_workers=2), log_prints=True)
@@ -43,29 +38,16 @@ def lora_sweep(spec_path: str = "sweeps/demo.toml"):
 
     runs = training_runs(spec, inputs.model_paths, inputs.dataset_path, inputs.dataset_fingerprint)
     baselines = render_jobs(spec, inputs.model_paths, [], runs, inputs.dataset_path)
-    baseline_futures = render_task.map(baselines)
-    train_futures = train_task.map(runs)
-
-    checkpoints: list[CheckpointRef] = []
-    failures: list[str] = []
-    for run, future in zip(runs, train_futures):
-        future.wait()
-        if future.state.is_completed():
-            checkpoints.extend(future.result().checkpoints)
-        else:
-            failures.append(f"training {run.run_id}: {future.state.message}")
-    for job, future in zip(baselines, baseline_futures):
-        future.wait()
-        if not future.state.is_completed():
-            failures.append(f"render {job.render_id}: {future.state.message}")
-
-    jobs = [j for j in render_jobs(spec, inputs.model_paths, checkpoints, runs, inputs.dataset_path)
-            if j.checkpoint is not None]
-    render_futures = render_task.map(jobs)
-    for job, future in zip(jobs, render_futures):
-        future.wait()
-        if not future.state.is_completed():
-            failures.append(f"render {job.render_id}: {future.state.message}")
+    with sweep_executor(spec.execution, len(runs)) as executor:  # threads, Dask, or workers (docs/scaling.md)
+        baseline_futures = executor.render(baselines)
+        train_futures = executor.train(runs)
+        failures = _wait("training", [r.run_id for r in runs], train_futures)
+        checkpoints: list[CheckpointRef] = [c for f in train_futures if f.state.is_completed()
+                                            for c in f.result().checkpoints]
+        failures += _wait("render", [j.render_id for j in baselines], baseline_futures)
+        jobs = [j for j in render_jobs(spec, inputs.model_paths, checkpoints, runs, inputs.dataset_path)
+                if j.checkpoint is not None]
+        failures += _wait("render", [j.render_id for j in jobs], executor.render(jobs))
 
     manifest = Manifest(spec.sweep_id(), tuple(r.run_id for r in runs),
                         tuple(j.render_id for j in [*baselines, *jobs]), 0.0 in spec.render.lora_weights)
@@ -87,6 +69,16 @@ def lora_sweep(spec_path: str = "sweeps/demo.toml"):
     if failures:
         return Failed(message=f"{len(failures)} part(s) of the sweep failed: " + "; ".join(failures))
     return summary
+
+
+def _wait(kind: str, ids: list[str], futures: list[PrefectFuture]) -> list[str]:
+    """Wait for every future; one failure message per task that did not complete."""
+    failures = []
+    for item_id, future in zip(ids, futures):
+        future.wait()
+        if not future.state.is_completed():
+            failures.append(f"{kind} {item_id}: {future.state.message}")
+    return failures
 
 
 def best_configurations(layout: SweepLayout) -> list[dict[str, object]]:

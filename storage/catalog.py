@@ -64,10 +64,12 @@ def table_files(layout: SweepLayout, manifest: Manifest, table: str) -> list[str
 def table_sql(layout: SweepLayout, manifest: Manifest, table: str) -> str:
     """A SELECT over the table's files, or a typed empty relation when there are none."""
     files = table_files(layout, manifest, table)
+    columns = ", ".join(f"CAST(NULL AS {_duckdb_type(f.type)}) AS {f.name}" for f in TABLES[table])
     if files:
         listed = ", ".join("'" + f.replace("'", "''") + "'" for f in files)
-        return f"SELECT * FROM read_parquet([{listed}], union_by_name = true)"
-    columns = ", ".join(f"CAST(NULL AS {_duckdb_type(f.type)}) AS {f.name}" for f in TABLES[table])
+        # BY NAME with the typed empty relation: a column added after older files were written reads as NULL.
+        return (f"SELECT * FROM read_parquet([{listed}], union_by_name = true) "
+                f"UNION ALL BY NAME SELECT {columns} WHERE false")
     return f"SELECT {columns} WHERE false"
 
 

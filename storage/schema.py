@@ -81,6 +81,8 @@ IMAGES = pa.schema(
         ("height", pa.int32()),
         ("path", pa.string()),
         ("render_s", pa.float64()),
+        # JSON list of the LoRAs stacked on the image besides ours ([{name, path, weight, sha256}]); null: none.
+        ("extra_loras", pa.string()),
     ]
 )
 

@@ -1,9 +1,11 @@
 """Write one LoRA checkpoint folder atomically, in the diffusers/peft and kohya formats.
 
 Each checkpoint folder holds exactly:
-  pytorch_lora_weights.safetensors   diffusers/peft format (load_lora_weights)
+  pytorch_lora_weights.safetensors   diffusers/peft format (load_lora_weights); UNet and, when
+                                     trained, text-encoder LoRA
   <checkpoint_id>.safetensors        kohya format for AUTOMATIC1111 / ComfyUI, with ss_* metadata
-  checkpoint.json                    the resolved run spec, step and provenance
+  checkpoint.json                    the resolved run spec (every training option, the memory
+                                     preset's choice), step, attention processor and provenance
   training_state.pt                  optimizer, RNG and LoRA state to resume from (tensors only,
                                      loaded with torch.load(weights_only=True))
 The folder is assembled under a temporary name and renamed into place, so a reader sees
@@ -21,12 +23,13 @@ from pathlib import Path
 
 import torch
 from diffusers import StableDiffusionPipeline
-from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_kohya
+from diffusers.utils import convert_state_dict_to_kohya
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import save_file
 
 from tasks.plan import TrainingRunSpec
 from tasks.provenance import provenance
+from tasks.training_presets import RESNET_CONV
 
 DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"
 MANIFEST_FILE = "checkpoint.json"
@@ -48,20 +51,28 @@ def load_training_state(folder: Path) -> dict:
 
 
 def save_checkpoint(run: TrainingRunSpec, unet, adapter: str, step: int, checkpoint_id: str, folder: Path,
-                    *, training_state: dict) -> Path:
-    """Save the adapter at `step` into `folder` (replacing any earlier partial attempt)."""
+                    *, training_state: dict, text_encoder=None) -> Path:
+    """Save the adapter at `step` into `folder` (replacing any earlier partial attempt).
+
+    `text_encoder`: the pipeline's text encoder when its LoRA trained too; saved beside the UNet's.
+    """
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
-        peft_state = get_peft_model_state_dict(unet, adapter_name=adapter)
-        metadata = unet.peft_config[adapter].to_dict()
+        unet_state = get_peft_model_state_dict(unet, adapter_name=adapter)
+        text_state = text_encoder_lora_state(text_encoder, adapter) if text_encoder is not None else {}
+        # peft-format keys (lora_A/lora_B): diffusers' older key names cannot mix attention and conv layers.
         StableDiffusionPipeline.save_lora_weights(
-            tmp, unet_lora_layers=convert_state_dict_to_diffusers(peft_state), safe_serialization=True,
-            unet_lora_adapter_metadata=metadata,
+            tmp, unet_lora_layers=unet_state, safe_serialization=True,
+            unet_lora_adapter_metadata=unet.peft_config[adapter].to_dict(),
+            text_encoder_lora_layers=text_state or None,
+            text_encoder_lora_adapter_metadata=text_encoder.peft_config[adapter].to_dict() if text_state else None,
         )
-        kohya = kohya_state_dict(peft_state, run.alpha)
+        kohya = kohya_state_dict(unet_state, run.alpha, text_state)
         save_file(kohya, str(tmp / f"{checkpoint_id}.safetensors"), metadata=kohya_metadata(run, step))
         manifest = {"checkpoint_id": checkpoint_id, "step": step, "run": run.model_dump(mode="json"),
+                    "effective_batch_size": run.effective_batch_size,
+                    "attention_processors": sorted({type(p).__name__ for p in unet.attn_processors.values()}),
                     "provenance": provenance()}
         torch.save(training_state, tmp / STATE_FILE)
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
@@ -74,23 +85,44 @@ def save_checkpoint(run: TrainingRunSpec, unet, adapter: str, step: int, checkpo
     return folder
 
 
-def kohya_state_dict(peft_state: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
-    """kohya keys (`lora_unet_*.lora_down/lora_up/alpha`) with the REAL alpha.
+def text_encoder_lora_state(text_encoder, adapter: str) -> dict[str, torch.Tensor]:
+    """The text encoder's LoRA under the usual `text_model.` key prefix, which transformers 5's
+    CLIPTextModel dropped from its own names; loaders and kohya tools expect it."""
+    state = get_peft_model_state_dict(text_encoder, adapter_name=adapter)
+    if hasattr(text_encoder, "text_model"):
+        return state
+    return {f"text_model.{k}": v for k, v in state.items()}
+
+
+def kohya_state_dict(peft_state: dict[str, torch.Tensor], alpha: float,
+                     text_state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """kohya keys (`lora_unet_*`, `lora_te_*` `.lora_down/lora_up/alpha`) with the REAL alpha.
 
     diffusers' converter writes alpha = rank; a reloaded LoRA would then be scaled wrongly
-    whenever alpha != rank, so every `.alpha` is overwritten.
+    whenever alpha != rank, so every `.alpha` is overwritten. It also names the text encoder
+    `lora_te1_` (SDXL style); SD1.x tools expect `lora_te_`.
     """
     prefixed = {f"unet.{k}": v.detach().cpu().contiguous() for k, v in peft_state.items()}
+    prefixed |= {f"text_encoder.{k}": v.detach().cpu().contiguous() for k, v in (text_state or {}).items()}
     converted = convert_state_dict_to_kohya(prefixed)
-    return {k: (torch.tensor(float(alpha)) if k.endswith(".alpha") else v) for k, v in converted.items()}
+    return {k.replace("lora_te1_", "lora_te_", 1): (torch.tensor(float(alpha)) if k.endswith(".alpha") else v)
+            for k, v in converted.items()}
+
+
+OPTIMIZER_NAMES = {"adamw": "torch.optim.AdamW(weight_decay=0.01)",
+                   "adamw8bit": "bitsandbytes.optim.AdamW8bit(weight_decay=0.01)"}
 
 
 def kohya_metadata(run: TrainingRunSpec, step: int) -> dict[str, str]:
     """The `ss_*` fields A1111 and civitai read from a kohya LoRA (all values are strings)."""
+    conv = any(name in RESNET_CONV for name in run.target_modules)
     return {
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(run.rank),
         "ss_network_alpha": str(run.alpha),
+        "ss_network_dropout": str(run.lora_dropout),
+        "ss_network_args": json.dumps({"conv_dim": str(run.rank), "conv_alpha": str(run.alpha)} if conv else {}),
+        "ss_network_train_unet_only": str(not run.train_text_encoder),
         "ss_base_model_version": "sd_v1",
         "ss_sd_model_name": run.base_model.name,
         "ss_resolution": f"({run.resolution}, {run.resolution})",
@@ -98,10 +130,18 @@ def kohya_metadata(run: TrainingRunSpec, step: int) -> dict[str, str]:
         "ss_max_train_steps": str(run.max_steps),
         "ss_learning_rate": str(run.learning_rate),
         "ss_unet_lr": str(run.learning_rate),
-        "ss_text_encoder_lr": "0",
-        "ss_optimizer": "torch.optim.AdamW(weight_decay=0.01)",
+        "ss_text_encoder_lr": str(run.text_encoder_lr) if run.train_text_encoder else "0",
+        "ss_lr_scheduler": run.lr_scheduler,
+        "ss_lr_warmup_steps": str(run.lr_warmup_steps),
+        "ss_gradient_accumulation_steps": str(run.gradient_accumulation_steps),
+        "ss_min_snr_gamma": str(run.min_snr_gamma),
+        "ss_noise_offset": str(run.noise_offset),
+        "ss_mixed_precision": run.mixed_precision,
+        "ss_gradient_checkpointing": str(run.gradient_checkpointing),
+        "ss_optimizer": OPTIMIZER_NAMES[run.optimizer],
         "ss_seed": str(run.seed),
         "ss_batch_size_per_device": str(run.batch_size),
+        "ss_total_batch_size": str(run.effective_batch_size),
         "ss_output_name": run.run_id,
         "ss_training_finished_at": str(datetime.now(timezone.utc).timestamp()),
         "ss_tag_frequency": json.dumps({run.dataset.trigger_word: {run.dataset.trigger_word: 1}}),

@@ -1,7 +1,8 @@
 """Check every input of a sweep before any expensive work, and materialise `builtin:` assets.
 
-All problems (spec, base models, dataset, output folder) are gathered and raised together, so
-a user fixes them in one pass and no training starts on input that would fail later.
+All problems (spec, base models, dataset, extra LoRA files, output folder) are gathered and
+raised together, so a user fixes them in one pass and no training starts on input that would
+fail later.
 """
 
 from __future__ import annotations
@@ -56,6 +57,8 @@ def prepare_inputs(spec: SweepSpec) -> PreparedInputs:
         from tasks.clip_metrics import clip_folder_problems
 
         problems += [f"metrics.clip_model: {p}" for p in clip_folder_problems(Path(spec.metrics.clip_model))]
+    for index, extra in enumerate(spec.render.extra_loras):
+        problems += [f"render.extra_loras[{index}] ({extra.name}): {p}" for p in lora_file_problems(Path(extra.path))]
     if problems:
         raise InputError(problems)
     return PreparedInputs(model_paths, dataset_path, fingerprint, count)
@@ -65,9 +68,11 @@ def _model_path(spec: SweepSpec, path: str, config: str | None) -> tuple[str, li
     from tasks.base_model import validate_base_model
 
     if path.startswith(BUILTIN_PREFIX):
-        from tasks.tiny_model import ensure_tiny_model
+        from tasks.tiny_model import ensure_tiny_model, ensure_world_model
 
-        return str(ensure_tiny_model(builtin_dir(spec) / path[len(BUILTIN_PREFIX) :])), []
+        name = path[len(BUILTIN_PREFIX) :]
+        ensure = ensure_world_model if name == "tiny-sd15-world" else ensure_tiny_model
+        return str(ensure(builtin_dir(spec) / name)), []
     return path, validate_base_model(path, config=config)
 
 
@@ -103,6 +108,45 @@ def _dataset(spec: SweepSpec) -> tuple[str, str, int, list[str]]:
     if ds.captioner and summary.missing_captions:
         fingerprint = content_id([fingerprint, ds.captioner])
     return path, fingerprint, len(items), []
+
+
+def lora_file_problems(file: Path) -> list[str]:
+    """Problems with a LoRA file to stack on renders: missing, a pickle, or not a kohya/diffusers LoRA."""
+    from safetensors import safe_open
+
+    from tasks.base_model import PICKLE_SUFFIXES
+
+    expected = "expected a local .safetensors LoRA file (kohya or diffusers format)"
+    if not file.is_file():
+        return [f"LoRA file {file}: {'is a folder' if file.is_dir() else 'does not exist'}; {expected}"]
+    if file.suffix.lower() != ".safetensors":
+        pickle = file.suffix.lower() in PICKLE_SUFFIXES
+        kind = "a pickle, which can run code when loaded" if pickle else "not safetensors"
+        return [f"LoRA file {file}: {file.suffix or 'no suffix'} is {kind}; safetensors only: {expected}"]
+    try:
+        with safe_open(str(file), framework="pt") as handle:
+            keys = list(handle.keys())
+    except Exception as error:  # safetensors raises its own error types for a bad header
+        return [f"LoRA file {file}: not a readable safetensors file ({error}); {expected}"]
+    others = [k for k in keys if "lora" not in k]
+    if not keys or others:
+        return [f"LoRA file {file}: not a LoRA ({len(others)} of {len(keys)} tensors are not LoRA weights, e.g. "
+                f"{(others or ['(none)'])[0]!r}); expected kohya lora_unet_*/lora_te_* or diffusers *.lora_A/B keys"]
+    return _lora_state_dict_problems(file)
+
+
+def _lora_state_dict_problems(file: Path) -> list[str]:
+    """Read it as diffusers' load_lora_weights will, so a file it cannot convert fails here, before any work."""
+    from diffusers import StableDiffusionPipeline
+
+    try:
+        state_dict, _alphas = StableDiffusionPipeline.lora_state_dict(
+            str(file.parent), weight_name=file.name, use_safetensors=True, local_files_only=True)
+    except Exception as error:  # diffusers raises ValueError, KeyError, ... for layouts it does not know
+        return [f"LoRA file {file}: diffusers cannot read it as a LoRA ({type(error).__name__}: {error})"]
+    if not state_dict or not all("lora" in key for key in state_dict):
+        return [f"LoRA file {file}: diffusers does not read it as a LoRA of the UNet or text encoder"]
+    return []
 
 
 def _output_problems(output_dir: Path) -> list[str]:

@@ -6,11 +6,15 @@ a changed spec gets new ids only where something really changed.
 
 from __future__ import annotations
 
+import hashlib
+from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
 from tasks.spec import BaseModelSpec, DatasetSpec, SweepSpec, content_id
+from tasks.training_presets import MemoryPreset, memory_preset
 
 
 class _Frozen(BaseModel):
@@ -37,6 +41,24 @@ class TrainingRunSpec(_Frozen):
     resolution: int
     seed: int
     target_modules: tuple[str, ...]
+    # Training options; each default reproduces the plain loop (see TrainingSpec).
+    lora_dropout: float = 0.0
+    lr_scheduler: str = "constant"
+    lr_warmup_steps: int = 0
+    lr_cycles: int = 1
+    gradient_accumulation_steps: int = 1
+    min_snr_gamma: float | None = None
+    noise_offset: float = 0.0
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    gradient_checkpointing: bool = False
+    optimizer: Literal["adamw", "adamw8bit"] = "adamw"
+    train_text_encoder: bool = False
+    text_encoder_lr: float | None = None  # set exactly when train_text_encoder is
+    memory_preset: MemoryPreset | None = None  # the choice behind resolution, batch size, ...; a record only
+
+    @property
+    def effective_batch_size(self) -> int:
+        return self.batch_size * self.gradient_accumulation_steps
 
 
 class CheckpointRef(_Frozen):
@@ -47,6 +69,15 @@ class CheckpointRef(_Frozen):
     step: int
     rank: int
     lora_dir: str
+
+
+class ExtraLoraRef(_Frozen):
+    """An extra LoRA as a render job needs it: its file's sha256 is part of every id it touches."""
+
+    name: str
+    path: str
+    weight: float
+    sha256: str
 
 
 class RenderJobSpec(_Frozen):
@@ -73,6 +104,7 @@ class RenderJobSpec(_Frozen):
     dataset: DatasetSpec
     concept_trigger: str | None  # set when the dataset is the builtin demo world: score its concept
     clip_model_path: str | None  # a local CLIP folder: adds CLIP scores
+    extra_loras: tuple[ExtraLoraRef, ...] = ()  # stacked on every image of the job, the baseline's too
 
 
 def sweep_root(spec: SweepSpec) -> Path:
@@ -101,9 +133,11 @@ def training_runs(
                 batch_size=t.batch_size,
                 resolution=t.resolution,
                 seed=t.seed,
-                target_modules=t.target_modules,
+                target_modules=t.lora_targets(),
+                **_training_options(spec),
             )
-            identity = {k: v for k, v in fields.items() if k not in ("base_model_path", "dataset_path")}
+            identity = {k: v for k, v in fields.items() if k not in ("base_model_path", "dataset_path", "memory_preset")
+                        and not (k in OPTION_DEFAULTS and v == OPTION_DEFAULTS[k])}
             identity["base_model"] = model.model_dump(exclude={"name"})
             identity["dataset"] = {"trigger_word": spec.dataset.trigger_word}
             run_id = f"{model.name}-r{rank}-{content_id(_jsonable(identity), 10)}"
@@ -111,6 +145,24 @@ def training_runs(
                 TrainingRunSpec(run_id=run_id, sweep_id=spec.sweep_id(), sweep_root=str(sweep_root(spec)), **fields)
             )
     return runs
+
+
+# Options added after the first runs were trained: left out of a run's id while at their default, so
+# those runs keep their ids and finished checkpoints. The memory preset is never in the id: it is a
+# record, its effect is already in resolution, batch size and the rest.
+OPTION_DEFAULTS = {name: TrainingRunSpec.model_fields[name].default for name in (
+    "lora_dropout", "lr_scheduler", "lr_warmup_steps", "lr_cycles", "gradient_accumulation_steps", "min_snr_gamma",
+    "noise_offset", "mixed_precision", "gradient_checkpointing", "optimizer", "train_text_encoder",
+    "text_encoder_lr")}
+
+
+def _training_options(spec: SweepSpec) -> dict[str, object]:
+    """The run's copy of the training options, text-encoder LR and memory preset resolved."""
+    t = spec.training
+    options: dict[str, object] = {name: getattr(t, name) for name in OPTION_DEFAULTS}
+    options["text_encoder_lr"] = (t.text_encoder_lr or t.learning_rate) if t.train_text_encoder else None
+    options["memory_preset"] = memory_preset(t.memory_preset_gib) if t.memory_preset_gib is not None else None
+    return options
 
 
 def checkpoint_id(run_id: str, step: int) -> str:
@@ -141,6 +193,7 @@ def render_jobs(
         concept_trigger=spec.dataset.trigger_word if spec.dataset.path == "builtin:demo-world" else None,
         clip_model_path=spec.metrics.clip_model,
     )
+    extras = extra_lora_refs(spec)
     jobs = []
     for model in spec.base_models:
         mine = [c for c in checkpoints if model_of_run[c.run_id].name == model.name]
@@ -150,6 +203,8 @@ def render_jobs(
             if ckpt is not None and not weights:
                 continue
             identity = {"model": model.model_dump(), "ckpt": ckpt and ckpt.checkpoint_id, "w": weights, **grid}
+            if extras:  # only when present, so jobs planned before extra LoRAs existed keep their ids
+                identity["extra_loras"] = [x.model_dump(exclude={"path"}) for x in extras]
             tag = f"{model.name}-baseline" if ckpt is None else ckpt.checkpoint_id
             render_id = f"{tag}-{content_id(_jsonable(identity), 10)}"
             baseline_id = baseline_id or render_id
@@ -163,11 +218,31 @@ def render_jobs(
                     checkpoint=ckpt,
                     lora_weights=weights,
                     baseline_render_id=None if ckpt is None else baseline_id,
+                    extra_loras=extras,
                     **grid,
                     **scoring,
                 )
             )
     return jobs
+
+
+def extra_lora_refs(spec: SweepSpec) -> tuple[ExtraLoraRef, ...]:
+    """The spec's extra LoRAs with their files' sha256 (a changed file re-renders, a moved one does not)."""
+    return tuple(ExtraLoraRef(name=x.name, path=x.path, weight=x.weight, sha256=file_sha256(x.path))
+                 for x in spec.render.extra_loras)
+
+
+def file_sha256(path: str) -> str:
+    file = Path(path)
+    stat = file.stat()
+    return _sha256(str(file.resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@lru_cache(maxsize=256)
+def _sha256(path: str, _size: int, _mtime_ns: int) -> str:
+    """Cached on (path, size, mtime): planning runs several times per sweep and LoRA files can be large."""
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def _jsonable(value: object) -> object:

@@ -39,6 +39,14 @@ def train_task(run: TrainingRunSpec):
     return train_in_subprocess(run)
 
 
+@task(name="train-lora-on-worker", task_run_name="train-{run.run_id}", cache_policy=NO_CACHE)
+def train_on_worker_task(run: TrainingRunSpec, deployment: str):
+    """Submit the run as a flow run of `deployment` (any worker of its pool trains it) and wait for it."""
+    from tasks.remote_training import train_via_deployment
+
+    return train_via_deployment(run, deployment)
+
+
 @task(name="render-grid", task_run_name="render-{job.render_id}", cache_policy=NO_CACHE)
 def render_task(job: RenderJobSpec) -> str:
     """Render the job's grid, then score its images (each step skips work already on disk)."""

@@ -62,7 +62,8 @@ class PretrainConfig:
     threads: int = 1
     device: str = "cpu"
     max_seconds: float = 0.0  # > 0: stop the denoiser stage early at this wall time and save (recorded)
-    data_processes: int = 1  # processes drawing world images (the images do not depend on it)  # "cuda" trains on a GPU; random draws still come from the seeded CPU generator
+    data_processes: int = 1
+    init_from: str = ""  # a folder this script wrote: continue from its weights (with --vae-steps 0: keep its VAE)  # processes drawing world images (the images do not depend on it)  # "cuda" trains on a GPU; random draws still come from the seeded CPU generator
 
 
 def lr_factor(step: int, total: int, warmup: int) -> float:
@@ -261,6 +262,12 @@ def pretrain(cfg: PretrainConfig, out: Path) -> dict:
     torch.manual_seed(cfg.seed)
     started = time.perf_counter()
     components = tiny_components(cfg.seed)
+    parent = None
+    if cfg.init_from:
+        loaded = StableDiffusionPipeline.from_pretrained(cfg.init_from, torch_dtype=torch.float32)
+        for name in ("unet", "vae", "text_encoder"):
+            components[name] = getattr(loaded, name).requires_grad_(True)
+        parent = json.loads((Path(cfg.init_from) / RECORD).read_text())
     for name in ("unet", "vae", "text_encoder"):
         components[name].to(cfg.device)
     if cfg.device.startswith("cuda"):
@@ -268,7 +275,7 @@ def pretrain(cfg: PretrainConfig, out: Path) -> dict:
     pixels, captions = world_data(cfg, processes=cfg.data_processes)
     pixels = pixels.to(cfg.device)
     generator = torch.Generator().manual_seed(cfg.seed)
-    vae_loss = train_vae(components["vae"], pixels, cfg, generator)
+    vae_loss = train_vae(components["vae"], pixels, cfg, generator) if cfg.vae_steps else None
     vae_done = time.perf_counter()
     components["vae"].requires_grad_(False)
     latents = normalise_latent_space(components["vae"], pixels, generator)
@@ -286,6 +293,7 @@ def pretrain(cfg: PretrainConfig, out: Path) -> dict:
         "vae_reconstruction_loss": vae_loss, "unet_final_loss": unet_loss, "unet_steps_done": unet_steps_done,
         "vae_seconds": round(vae_done - started, 1), "total_seconds": round(finished - started, 1),
         "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__},
+        "continued_from": parent,
         "device_name": torch.cuda.get_device_name() if cfg.device.startswith("cuda") else "cpu",
     }
     save_model(components, out, record)

@@ -1,5 +1,6 @@
 """Render one job's fixed-seed grid: a base model and one LoRA checkpoint (or none) over
-samplers x steps x CFG x LoRA weights x prompts x seeds.
+samplers x steps x CFG x LoRA weights x prompts x seeds, with the spec's extra LoRAs (if any)
+stacked at their own weights on every image, the baseline's included.
 
 The pipeline and the LoRA are loaded once; weights switch with `set_adapters` and samplers
 swap from the scheduler config. Every image has its own generator seeded from its seed, so no
@@ -10,6 +11,7 @@ found again on a re-run, so an interrupted job only renders what is missing.
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import os
 import tempfile
@@ -35,6 +37,7 @@ from tasks.spec import content_id
 
 log = logging.getLogger(__name__)
 ADAPTER = "lora"
+EXTRA_ADAPTER_PREFIX = "extra_"
 MAX_BATCH = 8
 
 
@@ -55,11 +58,14 @@ def image_id(job: RenderJobSpec, cell: Cell) -> str:
     """Identity of an image: everything that determines its pixels."""
     ckpt = job.checkpoint.checkpoint_id if job.checkpoint else None
     weight = cell.lora_weight if ckpt else 0.0
-    return content_id({
+    identity = {
         "model": job.base_model.model_dump(), "checkpoint": ckpt, "sampler": cell.sampler, "steps": cell.steps,
         "cfg": cell.cfg_scale, "weight": weight, "prompt": cell.prompt, "negative": job.negative_prompt,
         "seed": cell.seed, "size": [job.width, job.height],
-    })
+    }
+    if job.extra_loras:  # only when present, so images rendered before extra LoRAs existed keep their ids
+        identity["extra_loras"] = [[x.name, x.sha256, x.weight] for x in job.extra_loras]
+    return content_id(identity)
 
 
 def grid_cells(job: RenderJobSpec) -> list[Cell]:
@@ -104,14 +110,15 @@ def _render_missing(job: RenderJobSpec, todo: list[Cell], out_dir: Path) -> None
     pipe.set_progress_bar_config(disable=True)
     base_config = dict(pipe.scheduler.config)
     context = _MetadataContext.build(job)
-    if job.checkpoint:
-        with MODEL_BUILD_LOCK:
-            pipe.load_lora_weights(job.checkpoint.lora_dir, weight_name=DIFFUSERS_FILE, adapter_name=ADAPTER)
+    extras = _load_loras(pipe, job)
     progress = tqdm(total=len(todo), desc=f"render {job.render_id}", leave=False)
     for key, group in itertools.groupby(todo, key=lambda c: (c.lora_weight, c.sampler, c.steps, c.cfg_scale)):
         weight, sampler, steps, cfg = key
-        if job.checkpoint:
-            pipe.set_adapters([ADAPTER], adapter_weights=[weight])
+        # Weight 0 of ours adds exactly 0.0, so it equals the baseline with the extras at their weights.
+        names = [ADAPTER, *extras] if job.checkpoint else extras
+        weights = [weight] * bool(job.checkpoint) + [x.weight for x in job.extra_loras]
+        if names:
+            pipe.set_adapters(names, adapter_weights=weights)
         cells = list(group)
         for start in range(0, len(cells), MAX_BATCH):
             chunk = cells[start : start + MAX_BATCH]
@@ -133,6 +140,18 @@ def _render_missing(job: RenderJobSpec, todo: list[Cell], out_dir: Path) -> None
     progress.close()
 
 
+def _load_loras(pipe, job: RenderJobSpec) -> list[str]:
+    """Load our checkpoint (if any) and each extra LoRA once, each under its own adapter; the extras' names."""
+    extras = [f"{EXTRA_ADAPTER_PREFIX}{i}" for i in range(len(job.extra_loras))]
+    with MODEL_BUILD_LOCK:
+        if job.checkpoint:
+            pipe.load_lora_weights(job.checkpoint.lora_dir, weight_name=DIFFUSERS_FILE, adapter_name=ADAPTER)
+        for adapter, extra in zip(extras, job.extra_loras):
+            file = Path(extra.path)
+            pipe.load_lora_weights(str(file.parent), weight_name=file.name, adapter_name=adapter, use_safetensors=True)
+    return extras
+
+
 @dataclass(frozen=True)
 class _MetadataContext:
     """Hashes and names written into every PNG's A1111 `parameters` chunk."""
@@ -149,7 +168,9 @@ class _MetadataContext:
         return cls(model_hash(job.base_model_path), job.checkpoint.checkpoint_id, model_hash(str(kohya)))
 
     def parameters(self, job: RenderJobSpec, cell: Cell) -> ImageParameters:
-        loras = ((self.lora_name, cell.lora_weight, self.lora_hash),) if self.lora_name else ()
+        ours = ((self.lora_name, cell.lora_weight, self.lora_hash),) if self.lora_name else ()
+        # The file's sha256 cut to model_hash's 10 digits, as ours is written.
+        loras = (*ours, *((x.name, x.weight, x.sha256[:10]) for x in job.extra_loras))
         sampler = resolve_sampler(cell.sampler)
         return ImageParameters(
             prompt=cell.prompt, negative_prompt=job.negative_prompt, steps=cell.steps,
@@ -182,4 +203,5 @@ def _image_row(job: RenderJobSpec, cell: Cell, path: Path) -> dict[str, object]:
         "prompt_index": cell.prompt_index, "prompt": cell.prompt, "negative_prompt": job.negative_prompt,
         "seed": cell.seed, "width": job.width, "height": job.height, "path": str(path),
         "render_s": float(ours.get("render_s", 0.0)),
+        "extra_loras": json.dumps([x.model_dump() for x in job.extra_loras]) if job.extra_loras else None,
     }

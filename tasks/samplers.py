@@ -150,6 +150,21 @@ def resolve_sampler(name: str, schedule_type: str | None = None) -> SamplerDef:
     return found
 
 
+def a1111_pair_problems(name: str, schedule_type: str) -> list[str]:
+    """Every problem with an A1111 (Sampler, Schedule type) pair, so a spec reports them all at once."""
+    problems = []
+    if name not in _A1111_AUTOMATIC:
+        problems.append(str(_unknown("A1111 sampler", name, A1111_SAMPLER_NAMES)))
+    if schedule_type not in _SCHEDULE_LOOKUP:
+        problems.append(str(_unknown("A1111 schedule type", schedule_type, A1111_SCHEDULE_TYPES)))
+    if not problems:
+        try:
+            resolve_sampler(name, schedule_type)
+        except ValueError as err:
+            problems.append(str(err))
+    return problems
+
+
 def scheduler_options(sampler: SamplerDef, seed: int | Sequence[int] | None = None) -> dict[str, Any]:
     """The keyword options `make_scheduler` passes to `from_config`, seed included where one is needed."""
     options = dict(sampler.options)

@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 BUILTIN_PREFIX = "builtin:"
-BUILTIN_MODELS = ("tiny-sd15",)
+BUILTIN_MODELS = ("tiny-sd15", "tiny-sd15-world")
 BUILTIN_DATASETS = ("demo-world",)
 TRIGGER_PLACEHOLDER = "{trigger}"
 
@@ -126,7 +127,12 @@ class BaseModelSpec(_Frozen):
 
 
 class TrainingSpec(_Frozen):
-    """LoRA training axes (ranks) and shared settings; one run per (base model x rank)."""
+    """LoRA training axes (ranks) and shared settings; one run per (base model x rank).
+
+    Every option defaults to the plain loop: attention LoRA, constant learning rate, AdamW, fp32.
+    `memory_preset_gib` fills resolution, batch_size, gradient_checkpointing, mixed_precision and
+    ranks for a GPU of that size (tasks.training_presets); a key set in the spec wins.
+    """
 
     ranks: tuple[PositiveInt, ...] = Field(min_length=1)
     alpha: float | None = Field(default=None, gt=0, description="LoRA alpha; None means alpha = rank")
@@ -136,7 +142,31 @@ class TrainingSpec(_Frozen):
     batch_size: PositiveInt = 1
     resolution: int = Field(default=512, ge=8, le=4096, multiple_of=8)
     seed: Seed = 0
-    target_modules: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+    target_modules: tuple[Annotated[str, Field(min_length=1)], ...] | None = Field(default=None, min_length=1)
+    target_preset: Literal["attention", "attention+ff", "locon"] | None = None
+    lora_dropout: float = Field(default=0.0, ge=0, lt=1)
+    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts"] = "constant"
+    lr_warmup_steps: int = Field(default=0, ge=0)
+    lr_cycles: PositiveInt = 1
+    gradient_accumulation_steps: int = Field(default=1, ge=1, le=1024)
+    min_snr_gamma: float | None = Field(default=None, gt=0)
+    noise_offset: float = Field(default=0.0, ge=0, le=1)
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    gradient_checkpointing: bool = False
+    optimizer: Literal["adamw", "adamw8bit"] = "adamw"
+    train_text_encoder: bool = False
+    text_encoder_lr: float | None = Field(default=None, gt=0, le=1)
+    memory_preset_gib: float | None = Field(default=None, ge=4, le=4096)  # 4: the smallest sd15 tier
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fill_from_memory_preset(cls, data: Any) -> Any:
+        from tasks.training_presets import MIN_PRESET_GIB, memory_preset
+
+        gib = data.get("memory_preset_gib") if isinstance(data, dict) else None
+        if not isinstance(gib, (int, float)) or isinstance(gib, bool) or gib < MIN_PRESET_GIB:
+            return data  # absent or bad: the field's own check reports a bad value
+        return {**memory_preset(gib, "sd15").training_fields(), **data}
 
     @field_validator("ranks", "checkpoint_steps")
     @classmethod
@@ -144,54 +174,195 @@ class TrainingSpec(_Frozen):
         return _unique(value, info.field_name)
 
     @model_validator(mode="after")
-    def _checkpoints_within_max(self) -> TrainingSpec:
+    def _options_agree(self) -> TrainingSpec:
+        problems = []
         beyond = [s for s in self.checkpoint_steps if s > self.max_steps]
         if beyond:
-            raise ValueError(
-                f"checkpoint_steps {beyond} exceed max_steps {self.max_steps}; "
-                f"allowed: steps from 1 to {self.max_steps}"
-            )
+            problems.append(f"checkpoint_steps {beyond} exceed max_steps {self.max_steps}; "
+                            f"allowed: steps from 1 to {self.max_steps}")
+        if self.target_modules is not None and self.target_preset is not None:
+            problems.append(f"target_modules {list(self.target_modules)} and target_preset {self.target_preset!r} "
+                            "are both set; allowed: one of them")
+        if self.lr_warmup_steps > self.max_steps:
+            problems.append(f"lr_warmup_steps {self.lr_warmup_steps} exceeds max_steps {self.max_steps}; "
+                            f"allowed: 0 to {self.max_steps}")
+        if self.lr_warmup_steps and self.lr_scheduler == "constant":
+            problems.append(f"lr_warmup_steps {self.lr_warmup_steps} has no effect with lr_scheduler 'constant'; "
+                            "allowed: lr_scheduler 'constant_with_warmup', 'linear', 'cosine' or "
+                            "'cosine_with_restarts', or lr_warmup_steps 0")
+        if self.lr_cycles != 1 and self.lr_scheduler != "cosine_with_restarts":
+            problems.append(f"lr_cycles {self.lr_cycles} only applies to lr_scheduler 'cosine_with_restarts' "
+                            f"(lr_scheduler is {self.lr_scheduler!r}); allowed: lr_cycles 1")
+        if self.text_encoder_lr is not None and not self.train_text_encoder:
+            problems.append(f"text_encoder_lr {self.text_encoder_lr} only applies with train_text_encoder = true")
+        if problems:
+            raise ValueError("; ".join(problems))
         return self
+
+    def lora_targets(self) -> tuple[str, ...]:
+        """The UNet module names that get LoRA: the explicit list, else the preset (default 'attention')."""
+        from tasks.training_presets import TARGET_PRESETS
+
+        return self.target_modules or TARGET_PRESETS[self.target_preset or "attention"]
+
+
+def _sampler_choice(value: Any) -> Any:
+    """A registry name, or an A1111 `{ sampler = "DPM++ 2M", schedule_type = "Karras" }` table turned into one."""
+    from tasks.samplers import a1111_pair_problems, resolve_sampler
+
+    if isinstance(value, str):
+        resolve_sampler(value)  # its ValueError names the value, the closest name and every valid one
+        return value
+    if not isinstance(value, dict):
+        return value  # the str check reports the wrong type
+    shown = "{ " + ", ".join(f"{k} = {v!r}" for k, v in value.items()) + " }"
+    allowed = "{ sampler = '<A1111 sampler>', schedule_type = '<A1111 schedule type>' } (schedule_type optional)"
+    problems = [f"unknown key {k!r}" for k in value if k not in ("sampler", "schedule_type")]
+    sampler, schedule = value.get("sampler"), value.get("schedule_type", "Automatic")
+    if not isinstance(sampler, str) or not isinstance(schedule, str):
+        problems.append("sampler is required and both values must be strings")
+    if problems:
+        raise ValueError(f"{shown}: {'; '.join(problems)}; allowed: {allowed}")
+    problems = a1111_pair_problems(sampler, schedule)
+    if problems:
+        raise ValueError(f"{shown}: {'; '.join(problems)}")
+    return resolve_sampler(sampler, schedule).name
+
+
+# Normalised at validation, so everything downstream sees registry names only.
+SamplerChoice = Annotated[str, BeforeValidator(_sampler_choice)]
+
+
+class ExtraLoraSpec(_Frozen):
+    """A LoRA stacked at a fixed weight on every image, ours and the baseline (e.g. a downloaded style LoRA).
+
+    `name` is what A1111 writes in `<lora:NAME:WEIGHT>`; `path` a local kohya or diffusers `.safetensors` file.
+    """
+
+    name: str
+    path: str = Field(min_length=1)
+    weight: float = Field(default=1.0, ge=-4, le=4)
+
+    @field_validator("name")
+    @classmethod
+    def _a1111_name(cls, value: str) -> str:
+        if not value or value != value.strip() or re.search(r"[:,<>\n\r]", value):
+            raise ValueError("allowed: a name as in A1111's <lora:NAME:WEIGHT>, without : , < > or newlines "
+                             "and without surrounding spaces, e.g. 'film_grain_v2'")
+        return value
 
 
 class RenderSpec(_Frozen):
-    """The fixed-seed image grid rendered for every checkpoint."""
+    """The fixed-seed image grid rendered for every checkpoint, with any extra LoRAs stacked on every image."""
 
     prompts: tuple[Annotated[str, Field(min_length=1)], ...] = Field(min_length=1)
     negative_prompt: str = ""
     seeds: tuple[Seed, ...] = Field(min_length=1)
-    samplers: tuple[str, ...] = Field(min_length=1)
+    samplers: tuple[SamplerChoice, ...] = Field(min_length=1)
     steps: tuple[Annotated[int, Field(ge=1, le=500)], ...] = Field(min_length=1)
     lora_weights: tuple[Annotated[float, Field(ge=-4, le=4)], ...] = Field(min_length=1)
     cfg_scales: tuple[Annotated[float, Field(ge=0, le=50)], ...] = (7.0,)
     width: int = Field(default=512, ge=8, le=4096, multiple_of=8)
     height: int = Field(default=512, ge=8, le=4096, multiple_of=8)
+    extra_loras: tuple[ExtraLoraSpec, ...] = ()
 
-    @field_validator("seeds", "samplers", "steps", "lora_weights", "cfg_scales", "prompts")
+    @field_validator("seeds", "steps", "lora_weights", "cfg_scales", "prompts")
     @classmethod
     def _no_repeats(cls, value: tuple, info: Any) -> tuple:
         return _unique(value, info.field_name)
 
     @field_validator("samplers")
     @classmethod
-    def _known_samplers(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        from tasks.samplers import resolve_sampler
-
-        problems = []
-        for name in value:
-            try:
-                resolve_sampler(name)
-            except ValueError as err:
-                problems.append(str(err))
-        if problems:
-            raise ValueError("; ".join(problems))
+    def _no_repeated_samplers(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        dupes = sorted({repr(v) for v in value if value.count(v) > 1})
+        if dupes:
+            raise ValueError(f"samplers must not repeat a sampler; repeated: {', '.join(dupes)} "
+                             "(an A1111 { sampler, schedule_type } table counts as the registry name it resolves to)")
         return value
+
+    @field_validator("extra_loras")
+    @classmethod
+    def _unique_extra_names(cls, value: tuple[ExtraLoraSpec, ...]) -> tuple[ExtraLoraSpec, ...]:
+        _unique(tuple(x.name for x in value), "extra_loras names")
+        return value
+
+    def with_absolute_paths(self, absolute: Any) -> RenderSpec:
+        """Extra LoRA paths resolved by `absolute` (relative to the spec's folder, like every spec path)."""
+        extras = tuple(x.model_copy(update={"path": absolute(x.path)}) for x in self.extra_loras)
+        return self.model_copy(update={"extra_loras": extras})
 
 
 class MetricsSpec(_Frozen):
     """Optional metrics that need extra local weights."""
 
     clip_model: str | None = Field(default=None, description="local CLIP folder for CLIP scores")
+
+
+class ExecutionSpec(_Frozen):
+    """Where the sweep's tasks run; never changes what they compute, so it is not part of the sweep id.
+
+    `threads` (default): the flow's own thread pool. `dask`: training and render tasks fan out
+    over a Dask cluster, a LocalCluster of `n_workers` processes or the scheduler at
+    `dask_address`; each task reserves one `GPU` worker resource (`gpus_per_task`).
+    `train_deployment` submits every training run as a flow run of that deployment instead, so
+    the work pool's workers (one per GPU machine) share the training.
+    """
+
+    runner: Literal["threads", "dask"] = "threads"
+    dask_address: str | None = None
+    n_workers: PositiveInt | None = Field(default=None, le=256, description="LocalCluster worker processes; default 2")
+    threads_per_worker: PositiveInt = Field(default=1, le=64)
+    cuda_devices: tuple[str, ...] = ()
+    gpus_per_task: int = Field(default=1, ge=0, le=1, description="Dask resource GPU each train/render task holds")
+    train_deployment: str | None = None
+
+    @field_validator("dask_address")
+    @classmethod
+    def _scheduler_address(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"(tcp|tls|ucx|inproc)://[^\s/:]+(:\d+)?", value):
+            raise ValueError("allowed: a Dask scheduler address such as 'tcp://scheduler-host:8786' "
+                             "(tcp://, tls://, ucx:// or inproc://)")
+        return value
+
+    @field_validator("cuda_devices")
+    @classmethod
+    def _device_ids(cls, value: tuple[str, ...], info: Any) -> tuple[str, ...]:
+        bad = [d for d in value if not re.fullmatch(r"\d+|GPU-[0-9A-Za-z-]+|MIG-[0-9A-Za-z/-]+", d)]
+        if bad:
+            raise ValueError(f"{bad} are not CUDA device ids; allowed: what CUDA_VISIBLE_DEVICES takes, "
+                             "e.g. ['0', '1'] or GPU UUIDs 'GPU-8f6c...'")
+        return _unique(value, info.field_name)
+
+    @field_validator("train_deployment")
+    @classmethod
+    def _deployment_name(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"[^/\s]+/[^/\s]+", value):
+            raise ValueError("allowed: '<flow name>/<deployment name>', e.g. 'lora-train/train-run'")
+        return value
+
+    @model_validator(mode="after")
+    def _fields_agree(self) -> ExecutionSpec:
+        problems = []
+        dask_only = ("dask_address", "n_workers", "threads_per_worker", "cuda_devices", "gpus_per_task")
+        if self.runner == "threads":
+            problems += [f"{k} = {getattr(self, k)!r} is only used with runner = 'dask' (runner is 'threads')"
+                         for k in dask_only if k in self.model_fields_set]
+        elif self.dask_address is not None:
+            local = [f"{k} = {getattr(self, k)!r}" for k in ("n_workers", "cuda_devices") if k in self.model_fields_set]
+            if local:
+                problems.append(f"{' and '.join(local)} describe the LocalCluster the flow starts without "
+                                f"dask_address; with dask_address = {self.dask_address!r} start the workers yourself "
+                                f"(`dask worker {self.dask_address} --resources GPU=1`)")
+        if self.cuda_devices and self.n_workers is not None and self.n_workers != len(self.cuda_devices):
+            problems.append(f"n_workers = {self.n_workers} but cuda_devices lists {len(self.cuda_devices)} "
+                            f"device(s) {list(self.cuda_devices)}; allowed: one worker per device (omit n_workers)")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    def local_workers(self) -> int:
+        """Worker processes of the LocalCluster the dask runner starts (one per CUDA device when listed)."""
+        return len(self.cuda_devices) or self.n_workers or 2
 
 
 class SweepSpec(_Frozen):
@@ -204,6 +375,7 @@ class SweepSpec(_Frozen):
     training: TrainingSpec
     render: RenderSpec
     metrics: MetricsSpec = MetricsSpec()
+    execution: ExecutionSpec = ExecutionSpec()
 
     @field_validator("base_models")
     @classmethod
@@ -227,7 +399,7 @@ class SweepSpec(_Frozen):
         return tuple(p.replace(TRIGGER_PLACEHOLDER, self.dataset.trigger_word) for p in self.render.prompts)
 
     def sweep_id(self) -> str:
-        return content_id(self.model_dump(mode="json"))
+        return content_id(self.model_dump(mode="json", exclude={"execution"}))
 
 
 def _absolute_captioner(value: str | None, absolute) -> str | None:
@@ -305,5 +477,6 @@ def resolve_paths(spec: SweepSpec, base: Path) -> SweepSpec:
             "dataset": spec.dataset.model_copy(update={"path": absolute(spec.dataset.path),
                                                        "captioner": _absolute_captioner(spec.dataset.captioner, absolute)}),
             "base_models": models,
+            "render": spec.render.with_absolute_paths(absolute),
         }
     )

@@ -3,6 +3,11 @@
 VAE latents and text embeddings are computed once (both encoders are frozen), then each step
 adds noise at a random timestep, predicts it with the LoRA-adapted UNet and takes an AdamW
 step on the LoRA parameters only. A checkpoint is written at every requested step.
+Options (all off by default, see TrainingSpec): LoRA dropout and wider target presets, an LR
+schedule with warmup, gradient accumulation (a step = `gradient_accumulation_steps` micro-batches),
+Min-SNR loss weighting, offset noise, fp16/bf16 mixed precision, gradient checkpointing, 8-bit
+AdamW and a text-encoder LoRA (the text encoder then runs every step). Attention is diffusers'
+default, PyTorch's scaled_dot_product_attention.
 """
 
 from __future__ import annotations
@@ -15,23 +20,25 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+import numpy as np
 import torch
-import torch.nn.functional as F
 from diffusers import DDPMScheduler
-from peft import LoraConfig, set_peft_model_state_dict
+from diffusers.optimization import get_scheduler
+from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
 from peft.utils import get_peft_model_state_dict
 from tqdm.auto import tqdm
 
 from storage.layout import SweepLayout
 from storage.parquet_io import write_rows
 from tasks.base_model import MODEL_BUILD_LOCK, load_pipeline
-from tasks.checkpoint_io import DIFFUSERS_FILE, checkpoint_complete, load_training_state, save_checkpoint
-import numpy as np
-
 from tasks.captions import load_captioner, training_caption
+from tasks.checkpoint_io import DIFFUSERS_FILE, checkpoint_complete, load_training_state, save_checkpoint
 from tasks.dataset import DatasetItem, load_training_image
 from tasks.dataset_sources import load_items
 from tasks.plan import CheckpointRef, TrainingRunSpec, checkpoint_id
+from tasks.train_options import (check_training_support, diffusion_loss, log_memory_preset, loop_state, make_optimizer,
+                                 restore_loop_state, sample_noise)
+from tasks.training_presets import TEXT_ENCODER_TARGETS
 
 log = logging.getLogger(__name__)
 ADAPTER = "default"
@@ -65,32 +72,40 @@ def train_lora(run: TrainingRunSpec) -> TrainingResult:
 
 def _train(run: TrainingRunSpec, layout: SweepLayout) -> dict[str, float]:
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    check_training_support(run, device)
+    log_memory_preset(run)
     captioner = load_captioner(run.dataset.captioner, device=device) if run.dataset.captioner else None
     items = load_items(run.dataset, Path(run.dataset_path), min_size=8, captioner=captioner)
     pipe = load_pipeline(run.base_model_path, config=run.base_model.config, device=device)
     resume = _latest_training_state(run, layout)
     checkpoint_rows: list[dict[str, object]] = list(resume["checkpoint_rows"]) if resume else []
     losses: list[float] = list(resume["losses"]) if resume else []
+    # States saved before LR schedules existed ran at the constant learning rate.
+    learning_rates: list[float] = list(resume.get("learning_rates", [run.learning_rate] * len(losses))) if resume else []
     if resume:
         log.info("run %s: resuming after step %d", run.run_id, resume["step"])
     t0 = time.perf_counter()
     elapsed_before = float(resume["elapsed"]) if resume else 0.0
+    text_encoder = pipe.text_encoder if run.train_text_encoder else None
 
-    def on_checkpoint(step: int, optimizer: torch.optim.Optimizer, generator: torch.Generator) -> None:
+    def on_checkpoint(step: int, loop: dict) -> None:
         elapsed = elapsed_before + time.perf_counter() - t0
         row = _checkpoint_row(run, layout, step, losses, elapsed)
-        state = {"step": step, "lora": get_peft_model_state_dict(pipe.unet, adapter_name=ADAPTER),
-                 "optimizer": optimizer.state_dict(), "generator": generator.get_state(),
-                 "losses": list(losses), "checkpoint_rows": [*checkpoint_rows, row], "elapsed": elapsed}
+        state = {"step": step, "lora": get_peft_model_state_dict(pipe.unet, adapter_name=ADAPTER), **loop,
+                 "losses": list(losses), "learning_rates": list(learning_rates),
+                 "checkpoint_rows": [*checkpoint_rows, row], "elapsed": elapsed}
+        if text_encoder is not None:
+            state["text_encoder_lora"] = get_peft_model_state_dict(text_encoder, adapter_name=ADAPTER)
         save_checkpoint(run, pipe.unet, ADAPTER, step, row["checkpoint_id"], layout.checkpoint_dir(run.run_id, step),
-                        training_state=state)
+                        training_state=state, text_encoder=text_encoder)
         checkpoint_rows.append(row)
 
-    params = fit_lora(pipe, run, items, device=device, losses=losses, on_checkpoint=on_checkpoint, resume=resume)
+    params = fit_lora(pipe, run, items, device=device, losses=losses, on_checkpoint=on_checkpoint, resume=resume,
+                      learning_rates=learning_rates)
     wall = time.perf_counter() - t0
     steps_now = run.max_steps - (resume["step"] if resume else 0)
-    loss_rows = [{"sweep_id": run.sweep_id, "run_id": run.run_id, "step": step, "loss": loss,
-                  "learning_rate": run.learning_rate} for step, loss in enumerate(losses, start=1)]
+    loss_rows = [{"sweep_id": run.sweep_id, "run_id": run.run_id, "step": step, "loss": loss, "learning_rate": lr}
+                 for step, (loss, lr) in enumerate(zip(losses, learning_rates, strict=True), start=1)]
     write_rows("losses", loss_rows, layout.table_file("losses", run.run_id))
     write_rows("checkpoints", checkpoint_rows, layout.table_file("checkpoints", run.run_id))
     return {
@@ -103,84 +118,127 @@ def _train(run: TrainingRunSpec, layout: SweepLayout) -> dict[str, float]:
 
 
 def fit_lora(pipe, run: TrainingRunSpec, items: list[DatasetItem], *, device: str, losses: list[float],
-             on_checkpoint: Callable[[int, torch.optim.Optimizer, torch.Generator], None],
-             resume: dict | None = None) -> int:
-    """Add a LoRA adapter to `pipe.unet` and train it in place; returns the trainable parameter count.
+             on_checkpoint: Callable[[int, dict], None], resume: dict | None = None,
+             learning_rates: list[float] | None = None) -> int:
+    """Add LoRA adapters to `pipe.unet` (and `pipe.text_encoder`) and train them in place.
 
-    Appends each step's loss to `losses` and calls `on_checkpoint(step, optimizer, generator)` at
-    every checkpoint step. With `resume` (a saved training state) it continues after that step and
-    ends with exactly the weights an uninterrupted run would have.
+    Appends each step's loss (and learning rate) and calls `on_checkpoint(step, loop_state)` at
+    every checkpoint step, `loop_state` holding the optimizer, LR schedule, grad scaler and RNG
+    states. With `resume` (a saved training state) it continues after that step and ends with
+    exactly the weights an uninterrupted run would have. Returns the trainable parameter count.
     """
+    check_training_support(run, device)
     torch.manual_seed(run.seed)
     unet, vae, text_encoder, tokenizer = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     for module in (unet, vae, text_encoder):
         module.requires_grad_(False)
 
-    # Both encoders are frozen, so each image and caption is encoded once, not once per step.
+    # The VAE is frozen, so each image is encoded once; so is each caption unless the text encoder trains.
     generator = torch.Generator(device="cpu").manual_seed(run.seed)
     latents, embeddings = _encode_dataset(items, run.resolution, vae, text_encoder, tokenizer, generator, device)
 
+    # Mixed precision: frozen weights are held in the half dtype (half the memory); the LoRA weights
+    # and their optimizer state stay fp32, and autocast runs the forward passes in the half dtype.
+    half = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(run.mixed_precision)
+    if half is not None:
+        unet.to(half)
+        text_encoder.to(half)
+    lora = dict(r=run.rank, lora_alpha=run.alpha, lora_dropout=run.lora_dropout, init_lora_weights="gaussian")
     with MODEL_BUILD_LOCK:
-        unet.add_adapter(
-            LoraConfig(r=run.rank, lora_alpha=run.alpha, init_lora_weights="gaussian",
-                       target_modules=list(run.target_modules)),
-            adapter_name=ADAPTER,
-        )
-    params = [p for p in unet.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=run.learning_rate, weight_decay=1e-2)
+        unet.add_adapter(LoraConfig(**lora, target_modules=list(run.target_modules)), adapter_name=ADAPTER)
+        if run.train_text_encoder:  # peft directly: transformers' add_adapter wants a newer peft
+            inject_adapter_in_model(LoraConfig(**lora, target_modules=list(TEXT_ENCODER_TARGETS)), text_encoder,
+                                    adapter_name=ADAPTER)
+    unet_params = [p for p in unet.parameters() if p.requires_grad]
+    text_params = [p for p in text_encoder.parameters() if p.requires_grad]
+    for param in unet_params + text_params:
+        param.data = param.data.float()
+    if run.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+
+    groups = [{"params": unet_params, "lr": run.learning_rate}]
+    if text_params:
+        groups.append({"params": text_params, "lr": run.text_encoder_lr})
+    optimizer = make_optimizer(run.optimizer, groups)
+    lr_schedule = get_scheduler(run.lr_scheduler, optimizer, num_warmup_steps=run.lr_warmup_steps,
+                                num_training_steps=run.max_steps, num_cycles=run.lr_cycles)
+    # fp16 gradients underflow without loss scaling; disabled (a no-op) for fp32 and bf16.
+    scaler = torch.amp.GradScaler("cuda" if device == "cuda" else "cpu", enabled=run.mixed_precision == "fp16")
     first_step = 1
     if resume:
         set_peft_model_state_dict(unet, resume["lora"], adapter_name=ADAPTER)
-        optimizer.load_state_dict(resume["optimizer"])
-        generator.set_state(resume["generator"])
+        if run.train_text_encoder:
+            set_peft_model_state_dict(text_encoder, resume["text_encoder_lora"], adapter_name=ADAPTER)
+        restore_loop_state(resume, optimizer, lr_schedule, scaler, generator)
         first_step = resume["step"] + 1
     unet.train()
+    text_encoder.train(run.train_text_encoder)
 
     # kohya-style repeats weight the sampling; all-1 keeps the plain uniform draw (and its RNG stream).
     repeats = torch.tensor([item.repeats for item in items], dtype=torch.float)
     weighted = bool((repeats != 1).any())
     ds = run.dataset
     per_step_captions = ds.caption_dropout > 0 or ds.shuffle_tags
+    micro, accumulation = run.batch_size, run.gradient_accumulation_steps
+    batch = micro * accumulation
+    autocast = torch.autocast("cuda" if device == "cuda" else "cpu", dtype=half, enabled=half is not None)
 
     progress = tqdm(range(first_step, run.max_steps + 1), desc=f"train {run.run_id}", leave=False)
     for step in progress:
+        # Everything random in a step is drawn first, for the whole accumulated batch, so batch 2 x
+        # 2 accumulation steps sees exactly the examples, noise and timesteps of batch 4.
         if weighted:
-            index = torch.multinomial(repeats, run.batch_size, replacement=True, generator=generator)
+            index = torch.multinomial(repeats, batch, replacement=True, generator=generator)
         else:
-            index = torch.randint(0, len(items), (run.batch_size,), generator=generator)
-        if per_step_captions:  # dropout / tag shuffle change the text each step: encode it each step
+            index = torch.randint(0, len(items), (batch,), generator=generator)
+        captions = [items[i].caption for i in index.tolist()]
+        if per_step_captions:  # dropout / tag shuffle change the text each step
             rng = np.random.default_rng([run.seed, step])  # seeded by step, so a resumed run sees the same text
-            captions = [training_caption(items[i].caption, rng, dropout=ds.caption_dropout, shuffle=ds.shuffle_tags,
-                                         keep_tokens=ds.keep_tokens) for i in index.tolist()]
-            encoder_states = _encode_captions(captions, text_encoder, tokenizer, device)
-        else:
-            encoder_states = embeddings[index].to(device)
-        clean = latents[index].to(device)
-        noise = torch.randn(clean.shape, generator=generator).to(device)
-        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (run.batch_size,),
-                                  generator=generator).to(device)
-        noisy = noise_scheduler.add_noise(clean, noise, timesteps)
-        if noise_scheduler.config.prediction_type == "v_prediction":
-            target = noise_scheduler.get_velocity(clean, noise, timesteps)
-        else:
-            target = noise
+            captions = [training_caption(c, rng, dropout=ds.caption_dropout, shuffle=ds.shuffle_tags,
+                                         keep_tokens=ds.keep_tokens) for c in captions]
+        clean = latents[index]
+        noise = sample_noise(clean.shape, generator, run.noise_offset)
+        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (batch,), generator=generator)
 
-        prediction = unet(noisy, timesteps, encoder_states).sample
-        loss = F.mse_loss(prediction.float(), target.float())
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss became {loss.item()} at step {step}; lower training.learning_rate")
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        step_loss = 0.0
+        for part in range(accumulation):
+            rows = slice(part * micro, (part + 1) * micro)
+            t, clean_part, noise_part = timesteps[rows].to(device), clean[rows].to(device), noise[rows].to(device)
+            noisy = noise_scheduler.add_noise(clean_part, noise_part, t)
+            if noise_scheduler.config.prediction_type == "v_prediction":
+                target = noise_scheduler.get_velocity(clean_part, noise_part, t)
+            else:
+                target = noise_part
+            with autocast:
+                if per_step_captions or run.train_text_encoder:  # the text encoder runs every step
+                    encoder_states = _encode_captions(captions[rows], text_encoder, tokenizer, device,
+                                                      grad=run.train_text_encoder)
+                else:
+                    encoder_states = embeddings[index[rows]].to(device)
+                prediction = unet(noisy, t, encoder_states).sample
+            loss = diffusion_loss(prediction, target, t, noise_scheduler, run.min_snr_gamma)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"loss became {loss.item()} at step {step}; lower training.learning_rate")
+            scaler.scale(loss / accumulation).backward()  # gradients of the mean over the whole batch
+            step_loss += loss.item() / accumulation
+        scaler.step(optimizer)  # with fp16: skipped when gradients overflowed, and the scale lowered
+        scaler.update()
+        if learning_rates is not None:
+            learning_rates.append(optimizer.param_groups[0]["lr"])
+        lr_schedule.step()
 
-        losses.append(float(loss.item()))
+        losses.append(float(step_loss))
         progress.set_postfix(loss=f"{losses[-1]:.4f}")
         if step in run.checkpoint_steps:
-            on_checkpoint(step, optimizer, generator)
+            on_checkpoint(step, loop_state(optimizer, lr_schedule, scaler, generator))
             log.info("run %s: checkpoint at step %d (loss %.4f)", run.run_id, step, losses[-1])
     unet.eval()
-    return sum(p.numel() for p in params)
+    text_encoder.eval()
+    if run.gradient_checkpointing:
+        unet.disable_gradient_checkpointing()
+    return sum(p.numel() for p in unet_params + text_params)
 
 
 def _encode_dataset(items: list[DatasetItem], resolution: int, vae, text_encoder, tokenizer,
@@ -198,11 +256,12 @@ def _encode_dataset(items: list[DatasetItem], resolution: int, vae, text_encoder
     return torch.cat(latents) * vae.config.scaling_factor, embeddings
 
 
-def _encode_captions(captions: list[str], text_encoder, tokenizer, device: str) -> torch.Tensor:
-    """Frozen text-encoder hidden states for a list of captions (truncated at the tokenizer's 77 tokens)."""
+def _encode_captions(captions: list[str], text_encoder, tokenizer, device: str, grad: bool = False) -> torch.Tensor:
+    """Text-encoder hidden states for a list of captions (truncated at the tokenizer's 77 tokens);
+    `grad` when the text encoder's LoRA trains."""
     tokens = tokenizer(captions, padding="max_length", truncation=True, max_length=tokenizer.model_max_length,
                        return_tensors="pt").input_ids
-    with torch.no_grad():
+    with torch.set_grad_enabled(grad):
         return text_encoder(tokens.to(device))[0]
 
 

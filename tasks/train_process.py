@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 
 from storage.layout import SweepLayout
 from tasks.plan import TrainingRunSpec
+from tasks.run_claim import claim_run, record_trainer
 from tasks.train import TrainingResult, _already_done, _checkpoint_refs, _write_run_row
 
 
@@ -26,12 +27,23 @@ class TrainingFailed(RuntimeError):
 
 
 def train_in_subprocess(run: TrainingRunSpec) -> TrainingResult:
-    """Train `run` in `python -m tasks.train`; raise TrainingFailed with the run's error if it fails."""
+    """Train `run` in `python -m tasks.train`; raise TrainingFailed with the run's error if it fails.
+
+    The run's claim makes this the only trainer of `run` on every machine sharing the output
+    folder: a second caller waits, then finds the finished run.
+    """
     layout = SweepLayout(Path(run.sweep_root))
     if _already_done(run, layout):
         return TrainingResult(run.run_id, "completed", _checkpoint_refs(run, layout))
     run_dir = layout.run_dir(run.run_id)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    with claim_run(run_dir):
+        if _already_done(run, layout):  # finished by the claim's previous holder
+            return TrainingResult(run.run_id, "completed", _checkpoint_refs(run, layout))
+        record_trainer(run_dir, run.run_id)
+        return _train_claimed(run, layout, run_dir)
+
+
+def _train_claimed(run: TrainingRunSpec, layout: SweepLayout, run_dir: Path) -> TrainingResult:
     spec_file = run_dir / "run.json"
     spec_file.write_text(run.model_dump_json(indent=2))
     layout.table_file("runs", run.run_id).unlink(missing_ok=True)  # a failed earlier attempt's row

@@ -78,7 +78,7 @@ def write_spec(tmp_path: Path, data: dict) -> Path:
                 emit(f"{prefix}.{k}" if prefix else k, v)
             elif _is_table_list(v):
                 for item in v:
-                    lines.append(f"[[{k}]]")
+                    lines.append(f"[[{prefix}.{k}]]" if prefix else f"[[{k}]]")
                     lines.extend(f"{ik} = {_toml(iv)}" for ik, iv in item.items())
 
     emit("", data)

@@ -41,7 +41,7 @@ def image_rows(render_id: str) -> list[dict[str, object]]:
     values = {"sweep_id": "sweep", "render_id": render_id, "base_model": "tiny", "run_id": None,
               "checkpoint_id": None, "rank": None, "checkpoint_step": None, "sampler": "Euler", "steps": 10,
               "lora_weight": 0.0, "cfg_scale": 7.0, "prompt_index": 0, "prompt": "p", "negative_prompt": "",
-              "seed": 0, "width": 64, "height": 64, "path": "/x.png", "render_s": 0.1}
+              "seed": 0, "width": 64, "height": 64, "path": "/x.png", "render_s": 0.1, "extra_loras": None}
     assert set(values) | {"image_id"} == set(IMAGES.names)
     return [{**values, "image_id": f"{render_id}-{i}"} for i in range(ROWS_PER_FILE)]
 
@@ -175,3 +175,21 @@ def test_catalog_opens_read_only_from_another_working_directory(tmp_path: Path,
     with duckdb.connect(str(sweep / "catalog.duckdb"), read_only=True) as con:
         assert con.execute("SELECT count(*) FROM images").fetchone() == (ROWS_PER_FILE,)
         assert con.execute("SELECT count(*) FROM grid").fetchone()[0] >= 0
+
+
+def test_images_written_before_the_extra_loras_column_read_it_as_null(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    layout = SweepLayout(tmp_path / "sweep")
+    write_render(layout, "new")
+    old_rows = [{k: v for k, v in row.items() if k != "extra_loras"} for row in image_rows("old")]
+    path = layout.table_file("images", "old")
+    pq.write_table(pa.Table.from_pylist(old_rows, schema=IMAGES.remove(IMAGES.get_field_index("extra_loras"))), path)
+    build_catalog(layout, Manifest("sweep", run_ids=(), render_ids=("old",)))
+    with connect(layout) as con:  # only old files: the column still exists, all NULL
+        assert con.execute("SELECT count(*), count(extra_loras) FROM images").fetchone() == (ROWS_PER_FILE, 0)
+        assert con.execute("SELECT count(extra_loras) FROM grid").fetchone() == (0,)
+    build_catalog(layout, Manifest("sweep", run_ids=(), render_ids=("old", "new")))
+    with connect(layout) as con:
+        assert con.execute("SELECT count(*) FROM images").fetchone() == (2 * ROWS_PER_FILE,)

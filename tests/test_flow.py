@@ -60,6 +60,22 @@ def test_demo_flow_completes_with_rows_equal_to_the_grid_product(demo_sweep) -> 
     assert Path(summary["report"]).is_file()
 
 
+def test_demo_concept_grows_with_lora_weight_and_step(demo_sweep) -> None:
+    """Ground truth of the demo world: the base model cannot draw the zqx concept, the LoRA can.
+    Mean concept score per (checkpoint step, LoRA weight) over ranks, samplers, steps, prompts, seeds."""
+    summary, data, _ = demo_sweep
+    rows = query(summary, "SELECT g.checkpoint_step, g.lora_weight, avg(m.value) FROM grid AS g "
+                          "JOIN image_metrics AS m USING (image_id) WHERE m.metric = 'concept_score' "
+                          "GROUP BY ALL ORDER BY ALL")
+    score = {(step, weight): value for step, weight, value in rows}
+    first, final = data["training"]["checkpoint_steps"][0], data["training"]["max_steps"]
+    assert score[(final, 1.0)] >= score[(final, 0.0)] + 0.15, score
+    assert score[(final, 0.0)] <= score[(final, 0.5)] <= score[(final, 1.0)], score
+    assert score[(final, 1.0)] > score[(first, 1.0)], score
+    best = query(summary, "SELECT checkpoint_step FROM best_by_metric WHERE metric = 'concept_score'")
+    assert best == [(final,)]
+
+
 @pytest.mark.parametrize("sql_file", COOKBOOK, ids=lambda p: p.stem)
 def test_cookbook_query_runs_on_the_demo_output_and_is_in_the_readme(demo_sweep, sql_file: Path) -> None:
     summary, _, _ = demo_sweep

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 import tomllib
 from pathlib import Path
 
@@ -109,4 +110,56 @@ def test_relative_paths_resolve_against_the_spec_folder(tmp_path: Path) -> None:
     (tmp_path / "s.toml").write_text(data)
     spec = load_spec(tmp_path / "s.toml")
     assert spec.dataset.path == str((tmp_path / "data/mine").resolve())
-    assert spec.base_models[0].path == "builtin:tiny-sd15"
+    assert spec.base_models[0].path == "builtin:tiny-sd15-world"
+
+
+A1111_PAIRS = '''samplers = [
+  "Euler a",
+  { sampler = "DPM++ 2M", schedule_type = "Karras" },
+  { sampler = "DPM++ SDE", schedule_type = "uniform" },
+  { sampler = "DDIM" },
+]
+'''
+
+
+def test_a1111_sampler_and_schedule_type_pairs_normalise_to_registry_names(tmp_path: Path) -> None:
+    text = (SWEEPS / "demo.toml").read_text()
+    demo_line = re.search(r"^samplers = \[.*\]\n", text, re.MULTILINE)
+    assert demo_line is not None
+    (tmp_path / "s.toml").write_text(text.replace(demo_line.group(0), A1111_PAIRS))
+    spec = load_spec(tmp_path / "s.toml")
+    assert spec.render.samplers == ("Euler a", "DPM++ 2M Karras", "DPM++ SDE", "DDIM")
+    data = demo_data()
+    data["render"]["samplers"] = list(spec.render.samplers)
+    assert parse_spec(data).sweep_id() == parse_spec(tomllib.loads((tmp_path / "s.toml").read_text())).sweep_id()
+
+
+def test_bad_a1111_pairs_are_reported_at_once_with_field_value_and_allowed() -> None:
+    def bad(d: dict) -> None:
+        d["render"]["samplers"] = [
+            "Euler a",
+            {"sampler": "DPM++ 2N", "schedule_type": "Karass"},  # both unknown: both reported
+            {"sampler": "Euler", "schedule_type": "Exponential"},  # a pair the registry lacks
+            {"schedule_type": "Karras"},  # no sampler
+            {"sampler": "Euler", "scheduler": "Karras"},  # misspelt key
+        ]
+
+    message = errors_for(bad)
+    assert "4 problem(s)" in message
+    for fragment in (
+        "render.samplers.1: { sampler = 'DPM++ 2N', schedule_type = 'Karass' }: unknown A1111 sampler 'DPM++ 2N'. "
+        "Did you mean 'DPM++ 2M'? Valid: 'Euler', 'Euler a',",
+        "; unknown A1111 schedule type 'Karass'. Did you mean 'Karras'? Valid: 'Automatic', 'Uniform', 'Karras',",
+        "render.samplers.2: { sampler = 'Euler', schedule_type = 'Exponential' }: sampler 'Euler' with schedule type "
+        "'Exponential' is not in the registry; schedule types supported for 'Euler': 'Automatic'",
+        "render.samplers.3: { schedule_type = 'Karras' }: sampler is required",
+        "render.samplers.4: { sampler = 'Euler', scheduler = 'Karras' }: unknown key 'scheduler'; allowed: "
+        "{ sampler = '<A1111 sampler>', schedule_type = '<A1111 schedule type>' } (schedule_type optional)",
+    ):
+        assert fragment in message, f"{fragment!r} not in:\n{message}"
+
+
+def test_a1111_pair_repeating_a_registry_name_is_an_error() -> None:
+    message = errors_for(lambda d: d["render"].update(samplers=["DPM++ 2M Karras", {"sampler": "DPM++ 2M"}]))
+    assert "render.samplers: got ['DPM++ 2M Karras', {'sampler': 'DPM++ 2M'}]; samplers must not repeat a sampler; " \
+           "repeated: 'DPM++ 2M Karras'" in message
