@@ -8,7 +8,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export HF_HUB_OFFLINE := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: demo test install bench clean-demo
+.PHONY: demo test test-slow install bench clean-demo
 
 # Run the demo sweep through a real Prefect deployment (server, work pool, worker) and print the report path.
 demo: $(VENV)/.installed
@@ -18,6 +18,10 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed
 	bash tests/install_chromium.sh || true
 	$(PY) -m pytest
+
+# The multi-process checks (Dask LocalCluster, two Prefect workers) and the world model's LoRA story.
+test-slow: $(VENV)/.installed
+	$(PY) -m pytest -m slow
 
 bench: $(VENV)/.installed
 	$(PY) -m bench

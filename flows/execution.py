@@ -35,6 +35,7 @@ class SweepExecutor:
     execution: ExecutionSpec
     runner: TaskRunner
     waiter: TaskRunner | None  # threads that wait on training flow runs of `train_deployment`
+    gpu_limit: str | None = None  # threads runner: the global concurrency limit train/render tasks hold
 
     def train(self, runs: list[TrainingRunSpec]) -> list[PrefectFuture]:
         if self.execution.train_deployment and self.waiter is not None:
@@ -45,10 +46,12 @@ class SweepExecutor:
     def render(self, jobs: list[RenderJobSpec]) -> list[PrefectFuture]:
         return self._map(render_task, {"job": jobs})
 
-    def _map(self, task: Any, parameters: dict[str, list]) -> list[PrefectFuture]:
+    def _map(self, task: Any, parameters: dict[str, Any]) -> list[PrefectFuture]:
         if not next(iter(parameters.values())):
             return []
         if self.execution.runner != "dask" or not self.execution.gpus_per_task:
+            if self.gpu_limit:
+                parameters = {**parameters, "gpu_limit": unmapped(self.gpu_limit)}
             return self.runner.map(task, parameters)
         import dask
 
@@ -61,12 +64,43 @@ def sweep_executor(execution: ExecutionSpec, n_runs: int) -> Iterator[SweepExecu
     """The flow's own runner, or a started DaskTaskRunner; plus waiter threads for remote training."""
     if execution.train_deployment:
         check_train_deployment(execution.train_deployment)
+    gpu_limit = ensure_gpu_limit(execution) if execution.runner == "threads" else None
     with _main_runner(execution) as runner:
         if execution.train_deployment is None:
-            yield SweepExecutor(execution, runner, None)
+            yield SweepExecutor(execution, runner, None, gpu_limit)
             return
         with ThreadPoolTaskRunner(max_workers=max(n_runs, 1)) as waiter:
-            yield SweepExecutor(execution, runner, waiter)
+            yield SweepExecutor(execution, runner, waiter, gpu_limit)
+
+
+def ensure_gpu_limit(execution: ExecutionSpec) -> str | None:
+    """The global concurrency limit the threads runner's tasks hold, created if missing; None when off.
+
+    On when CUDA is present here (or gpu_limit_on_cpu). A limit that already exists on the server
+    is used as it is, so `prefect gcl update lora-sweep-gpu --limit N` changes it for every sweep.
+    """
+    if not execution.gpu_limit:
+        return None
+    from tasks.devices import cuda_device_count
+
+    devices = cuda_device_count()
+    if not devices and not execution.gpu_limit_on_cpu:
+        return None
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_global_concurrency_limit_by_name(execution.gpu_limit)
+        except ObjectNotFound:
+            slots = execution.gpu_limit_slots or max(devices, 1)
+            try:
+                client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=execution.gpu_limit,
+                                                                                    limit=slots))
+            except ObjectAlreadyExists:  # another sweep created it meanwhile
+                pass
+    return execution.gpu_limit
 
 
 @contextmanager

@@ -205,9 +205,20 @@ def report_context(data: SweepData, layout: SweepLayout) -> dict[str, Any]:
         "defaults": payload["defaults"],
         "grid_json": Markup(script_json(payload)),  # already safe inside <script>: see script_json
         "heatmaps": heatmaps(data.heatmap_cells, data.higher_is_better),
-        "loss_chart": loss_chart(data.losses, {r["run_id"]: run_label(r) for r in data.runs}),
+        "loss_chart": loss_chart(data.losses, {r["run_id"]: run_label(r) for r in data.runs},
+                                 validation=validation_series(data.checkpoints)),
         "runs_without_loss": [r["label"] for r in runs if r["run_id"] not in data.losses],
         "best": best_rows(data, layout),
         "runs": runs,
         "failed_runs": [r for r in runs if r["failed"]],
     }
+
+
+def validation_series(checkpoints: list[dict]) -> dict[str, list[tuple[int, float]]]:
+    """Held-out validation loss per run at its checkpoints (only where it was measured)."""
+    series: dict[str, list[tuple[int, float]]] = {}
+    for row in sorted(checkpoints, key=lambda r: (r["run_id"], r["step"])):
+        value = row.get("validation_loss")
+        if value is not None and value == value:
+            series.setdefault(row["run_id"], []).append((int(row["step"]), float(value)))
+    return series

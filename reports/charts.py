@@ -105,6 +105,8 @@ class LossSeries:
     raw: str
     smooth: str
     final: str
+    validation: str = ""  # polyline of the held-out validation loss at each checkpoint, if measured
+    validation_dots: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -184,14 +186,21 @@ def y_range(series: dict[str, list[tuple[int, float]]]) -> tuple[float, float]:
 
 
 def loss_chart(series: dict[str, list[tuple[int, float]]], labels: dict[str, str],
-               width: int = 900, height: int = 360) -> LossChart | None:
-    """Raw and smoothed loss polylines, one colour per run; None when no run logged a loss."""
+               width: int = 900, height: int = 360,
+               validation: dict[str, list[tuple[int, float]]] | None = None) -> LossChart | None:
+    """Raw and smoothed loss polylines, one colour per run, plus each run's validation loss at its
+    checkpoints where measured; None when no run logged a loss."""
     series = {run: points for run, points in series.items() if points}
     if not series:
         return None
+    validation = {run: points for run, points in (validation or {}).items() if points and run in series}
     left, top, right, bottom = 64, 16, width - 16, height - 40
     x_max = max(step for points in series.values() for step, _ in points) or 1
     y_lo, y_hi = y_range(series)
+    held_out = [v for points in validation.values() for _, v in points]
+    if held_out:
+        pad = (max(held_out) - min(held_out)) * 0.05 or abs(max(held_out)) * 0.05 or 1.0
+        y_lo, y_hi = min(y_lo, min(held_out) - pad), max(y_hi, max(held_out) + pad)
 
     def px(step: float) -> float:
         return left + (right - left) * step / x_max
@@ -205,9 +214,11 @@ def loss_chart(series: dict[str, list[tuple[int, float]]], labels: dict[str, str
     drawn = []
     for i, (run, points) in enumerate(sorted(series.items(), key=lambda kv: labels.get(kv[0], kv[0]))):
         smoothed = smooth([loss for _, loss in points])
+        held = validation.get(run, [])
         drawn.append(LossSeries(labels.get(run, run), SERIES_COLORS[i % len(SERIES_COLORS)],
                                 polyline(points), polyline(list(zip([s for s, _ in points], smoothed))),
-                                fmt(smoothed[-1])))
+                                fmt(smoothed[-1]), polyline(held),
+                                tuple((f"{px(s):.1f}", f"{py(v):.1f}") for s, v in held)))
     x_ticks = [Tick(f"{px(v):.1f}", fmt(int(v))) for v in nice_ticks(0, x_max, 6)]
     y_ticks = [Tick(f"{py(v):.1f}", fmt(round(v, 10))) for v in nice_ticks(y_lo, y_hi, 5)]
     return LossChart(width, height, left, top, right, bottom, x_ticks, y_ticks, drawn)

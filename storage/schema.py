@@ -45,6 +45,7 @@ CHECKPOINTS = pa.schema(
         ("lora_path", pa.string()),  # diffusers/peft format
         ("kohya_path", pa.string()),  # A1111 / ComfyUI format
         ("train_loss_smoothed", pa.float64()),
+        ("validation_loss", pa.float64()),  # held-out images, fixed timesteps and noise; null without them
         ("wall_time_s", pa.float64()),
     ]
 )

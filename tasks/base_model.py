@@ -1,22 +1,31 @@
-"""Base models: check a path before loading, load it as a StableDiffusionPipeline, and hash it.
+"""Base models: check a path before loading, load it as its family's pipeline, and hash it.
 
-Two layouts are accepted: a diffusers folder, or one original-SD `.safetensors` file (as civitai
-ships checkpoints) plus `config=`, a local diffusers folder holding the configs and tokenizer that
-offline single-file loading needs. Pickled weights (.ckpt/.pt/.bin) are refused: they can run code.
+Two families: SD1.x (`StableDiffusionPipeline`, family "sd15") and SDXL
+(`StableDiffusionXLPipeline`, "sdxl"), told apart by model_index.json's `_class_name` (of the
+folder, or of the `config=` folder for a single file). Two layouts are accepted: a diffusers
+folder, or one original-SD `.safetensors` file (as civitai ships checkpoints) plus `config=`, a
+local diffusers folder holding the configs and tokenizer that offline single-file loading needs.
+Pickled weights (.ckpt/.pt/.bin) are refused: they can run code.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import threading
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
+ModelFamily = Literal["sd15", "sdxl"]
+PIPELINE_CLASSES: dict[str, ModelFamily] = {"StableDiffusionPipeline": "sd15", "StableDiffusionXLPipeline": "sdxl"}
+PIPELINES = {"sd15": StableDiffusionPipeline, "sdxl": StableDiffusionXLPipeline}
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer")
 WEIGHT_COMPONENTS = ("unet", "vae", "text_encoder")
+SDXL_COMPONENTS = ("text_encoder_2", "tokenizer_2")  # besides COMPONENTS
 PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin", ".pkl"}
 CONFIG_FILES = (
     "model_index.json",
@@ -31,7 +40,13 @@ CHECKPOINT_PREFIXES = {  # component -> key prefixes an original SD 1.x/2.x sing
     "VAE": ("first_stage_model.",),
     "text encoder": ("cond_stage_model.transformer.", "cond_stage_model.model."),
 }
+SDXL_CHECKPOINT_PREFIXES = {  # the same for an original SDXL single file (sgm layout)
+    "UNet": ("model.diffusion_model.",),
+    "VAE": ("first_stage_model.",),
+    "text encoders": ("conditioner.embedders.",),
+}
 FOLDER_LAYOUT = "a diffusers folder needs model_index.json, unet/, vae/, text_encoder/ and tokenizer/"
+SDXL_LAYOUT = "an SDXL diffusers folder also needs text_encoder_2/ and tokenizer_2/"
 HASH_CHUNK = 1 << 20
 # Model loading (diffusers, transformers, accelerate) briefly builds modules on the meta device
 # through process-wide patches; two threads doing it at once corrupt each other's modules.
@@ -61,12 +76,18 @@ def validate_base_model(path: str, config: str | None = None) -> list[str]:
 def folder_problems(folder: Path) -> list[str]:
     """Problems with a diffusers folder: missing index or components, or no safetensors weights."""
     problems = []
+    family: ModelFamily = "sd15"
     if not (folder / "model_index.json").is_file():
         problems.append(f"base model {folder}: no model_index.json; {FOLDER_LAYOUT}")
-    for name in COMPONENTS:
+    else:
+        family, problem = index_family(folder)
+        problems += [f"base model {folder}: {problem}"] if problem else []
+    extra = SDXL_COMPONENTS if family == "sdxl" else ()
+    for name in COMPONENTS + extra:
         if not (folder / name).is_dir():
-            problems.append(f"base model {folder}: no {name}/ folder; {FOLDER_LAYOUT}")
-        elif name in WEIGHT_COMPONENTS and not any((folder / name).glob("*.safetensors")):
+            layout = SDXL_LAYOUT if name in extra else FOLDER_LAYOUT
+            problems.append(f"base model {folder}: no {name}/ folder; {layout}")
+        elif name in WEIGHT_COMPONENTS + extra[:1] and not any((folder / name).glob("*.safetensors")):
             problems.append(
                 f"base model {folder}: {name}/ holds no .safetensors weights; "
                 "safetensors only (pickled .bin weights are refused)"
@@ -83,7 +104,8 @@ def single_file_problems(file: Path, config: str | None) -> list[str]:
             f"base model {file}: {file.suffix or 'no suffix'} is {kind}; "
             "safetensors only: a single file must end in .safetensors (or use a diffusers folder)"
         ]
-    problems = checkpoint_key_problems(file)
+    family = index_family(Path(config))[0] if config is not None and Path(config).is_dir() else "sd15"
+    problems = checkpoint_key_problems(file, SDXL_CHECKPOINT_PREFIXES if family == "sdxl" else CHECKPOINT_PREFIXES)
     if config is None:
         problems.append(
             f"base model {file}: a single-file checkpoint needs config=<local diffusers folder with the "
@@ -94,7 +116,8 @@ def single_file_problems(file: Path, config: str | None) -> list[str]:
     return problems
 
 
-def checkpoint_key_problems(file: Path) -> list[str]:
+def checkpoint_key_problems(file: Path, expected_prefixes: dict[str, tuple[str, ...]] = CHECKPOINT_PREFIXES
+                            ) -> list[str]:
     """Read only the safetensors header and report components an SD checkpoint must hold."""
     from safetensors import safe_open
 
@@ -103,11 +126,11 @@ def checkpoint_key_problems(file: Path) -> list[str]:
             keys = list(handle.keys())
     except Exception as error:  # safetensors raises its own error types for a bad header
         return [f"base model {file}: not a readable safetensors file ({error}); expected an SD checkpoint"]
-    expected = ", ".join(p for prefixes in CHECKPOINT_PREFIXES.values() for p in prefixes)
+    expected = ", ".join(p for prefixes in expected_prefixes.values() for p in prefixes)
     return [
         f"base model {file}: no {' or '.join(p + '*' for p in prefixes)} weights ({component}); "
         f"expected an original Stable Diffusion checkpoint with {expected}"
-        for component, prefixes in CHECKPOINT_PREFIXES.items()
+        for component, prefixes in expected_prefixes.items()
         if not any(key.startswith(prefixes) for key in keys)
     ]
 
@@ -122,9 +145,35 @@ def config_folder_problems(config: Path, file: Path) -> list[str]:
         for name in CONFIG_FILES
         if not (config / name).is_file()
     ]
-    if not any((config / "tokenizer" / name).is_file() for name in TOKENIZER_FILES):
-        problems.append(f"{where}: no tokenizer/tokenizer.json or tokenizer/vocab.json; a CLIP tokenizer is needed")
+    family, problem = index_family(config) if (config / "model_index.json").is_file() else ("sd15", None)
+    problems += [f"{where}: {problem}"] if problem else []
+    tokenizers = ("tokenizer", "tokenizer_2") if family == "sdxl" else ("tokenizer",)
+    problems += [f"{where}: no {t}/tokenizer.json or {t}/vocab.json; a CLIP tokenizer is needed"
+                 for t in tokenizers if not any((config / t / name).is_file() for name in TOKENIZER_FILES)]
+    if family == "sdxl" and not (config / "text_encoder_2" / "config.json").is_file():
+        problems.append(f"{where}: no text_encoder_2/config.json; an SDXL config folder needs both text encoders")
     return problems
+
+
+def index_family(folder: Path) -> tuple[ModelFamily, str | None]:
+    """The family a diffusers folder's model_index.json names, and the problem if it names none we load."""
+    try:
+        name = json.loads((folder / "model_index.json").read_text(encoding="utf-8")).get("_class_name")
+    except (OSError, ValueError, AttributeError) as error:
+        return "sd15", f"model_index.json is unreadable ({error}); expected diffusers' JSON with _class_name"
+    if name not in PIPELINE_CLASSES:
+        return "sd15", (f"model_index.json names pipeline {name!r}; allowed: "
+                        f"{', '.join(repr(k) for k in PIPELINE_CLASSES)} (SD1.x or SDXL)")
+    return PIPELINE_CLASSES[name], None
+
+
+def model_family(path: str, config: str | None = None) -> ModelFamily:
+    """'sd15' or 'sdxl' for a base model: from its model_index.json, or its `config=` folder's for a single file."""
+    base = Path(path)
+    folder = base if base.is_dir() else Path(config) if config is not None else None
+    if folder is None or not (folder / "model_index.json").is_file():
+        return "sd15"  # a single file without config= fails validation; SD1.x until told otherwise
+    return index_family(folder)[0]
 
 
 def load_pipeline(
@@ -133,23 +182,26 @@ def load_pipeline(
     config: str | None = None,
     torch_dtype: torch.dtype = torch.float32,
     device: str = "cpu",
-) -> StableDiffusionPipeline:
-    """Load a validated base model offline, safety checker off; raise ValueError listing every problem."""
+) -> StableDiffusionPipeline | StableDiffusionXLPipeline:
+    """Load a validated base model offline as its family's pipeline, safety checker (SD1.x) and
+    watermarker (SDXL) off; raise ValueError listing every problem."""
     problems = validate_base_model(path, config)
     if problems:
         raise ValueError("invalid base model:\n" + "\n".join(f"- {p}" for p in problems))
-    no_safety = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+    family = model_family(path, config)
+    extras = ({"add_watermarker": False} if family == "sdxl" else
+              {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False})
     with MODEL_BUILD_LOCK:
-        return _load(path, config, torch_dtype, no_safety).to(device)
+        return _load(PIPELINES[family], path, config, torch_dtype, extras).to(device)
 
 
-def _load(path: str, config: str | None, torch_dtype: torch.dtype, no_safety: dict) -> StableDiffusionPipeline:
+def _load(pipeline_class, path: str, config: str | None, torch_dtype: torch.dtype, extras: dict):
     if Path(path).is_dir():
-        return StableDiffusionPipeline.from_pretrained(
-            path, torch_dtype=torch_dtype, local_files_only=True, use_safetensors=True, **no_safety
+        return pipeline_class.from_pretrained(
+            path, torch_dtype=torch_dtype, local_files_only=True, use_safetensors=True, **extras
         )
-    return StableDiffusionPipeline.from_single_file(
-        path, config=config, torch_dtype=torch_dtype, local_files_only=True, **no_safety
+    return pipeline_class.from_single_file(
+        path, config=config, torch_dtype=torch_dtype, local_files_only=True, **extras
     )
 
 

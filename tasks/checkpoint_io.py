@@ -22,7 +22,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 from diffusers.utils import convert_state_dict_to_kohya
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import save_file
@@ -34,6 +34,9 @@ from tasks.training_presets import RESNET_CONV
 DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"
 MANIFEST_FILE = "checkpoint.json"
 STATE_FILE = "training_state.pt"
+# Per base-model family: kohya's ss_base_model_version and the modelspec architecture A1111/ComfyUI read.
+BASE_MODEL_VERSIONS = {"sd15": "sd_v1", "sdxl": "sdxl_base_v1-0"}
+ARCHITECTURES = {"sd15": "stable-diffusion-v1/lora", "sdxl": "stable-diffusion-xl-v1-base/lora"}
 
 
 def checkpoint_files(checkpoint_id: str) -> set[str]:
@@ -51,10 +54,11 @@ def load_training_state(folder: Path) -> dict:
 
 
 def save_checkpoint(run: TrainingRunSpec, unet, adapter: str, step: int, checkpoint_id: str, folder: Path,
-                    *, training_state: dict, text_encoder=None) -> Path:
+                    *, training_state: dict, text_encoder=None, family: str = "sd15") -> Path:
     """Save the adapter at `step` into `folder` (replacing any earlier partial attempt).
 
     `text_encoder`: the pipeline's text encoder when its LoRA trained too; saved beside the UNet's.
+    `family`: the base model's ("sd15" or "sdxl"), which picks the diffusers loader and kohya metadata.
     """
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
@@ -62,14 +66,15 @@ def save_checkpoint(run: TrainingRunSpec, unet, adapter: str, step: int, checkpo
         unet_state = get_peft_model_state_dict(unet, adapter_name=adapter)
         text_state = text_encoder_lora_state(text_encoder, adapter) if text_encoder is not None else {}
         # peft-format keys (lora_A/lora_B): diffusers' older key names cannot mix attention and conv layers.
-        StableDiffusionPipeline.save_lora_weights(
+        pipeline_class = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
+        pipeline_class.save_lora_weights(
             tmp, unet_lora_layers=unet_state, safe_serialization=True,
             unet_lora_adapter_metadata=unet.peft_config[adapter].to_dict(),
             text_encoder_lora_layers=text_state or None,
             text_encoder_lora_adapter_metadata=text_encoder.peft_config[adapter].to_dict() if text_state else None,
         )
         kohya = kohya_state_dict(unet_state, run.alpha, text_state)
-        save_file(kohya, str(tmp / f"{checkpoint_id}.safetensors"), metadata=kohya_metadata(run, step))
+        save_file(kohya, str(tmp / f"{checkpoint_id}.safetensors"), metadata=kohya_metadata(run, step, family))
         manifest = {"checkpoint_id": checkpoint_id, "step": step, "run": run.model_dump(mode="json"),
                     "effective_batch_size": run.effective_batch_size,
                     "attention_processors": sorted({type(p).__name__ for p in unet.attn_processors.values()}),
@@ -113,7 +118,7 @@ OPTIMIZER_NAMES = {"adamw": "torch.optim.AdamW(weight_decay=0.01)",
                    "adamw8bit": "bitsandbytes.optim.AdamW8bit(weight_decay=0.01)"}
 
 
-def kohya_metadata(run: TrainingRunSpec, step: int) -> dict[str, str]:
+def kohya_metadata(run: TrainingRunSpec, step: int, family: str = "sd15") -> dict[str, str]:
     """The `ss_*` fields A1111 and civitai read from a kohya LoRA (all values are strings)."""
     conv = any(name in RESNET_CONV for name in run.target_modules)
     return {
@@ -123,7 +128,7 @@ def kohya_metadata(run: TrainingRunSpec, step: int) -> dict[str, str]:
         "ss_network_dropout": str(run.lora_dropout),
         "ss_network_args": json.dumps({"conv_dim": str(run.rank), "conv_alpha": str(run.alpha)} if conv else {}),
         "ss_network_train_unet_only": str(not run.train_text_encoder),
-        "ss_base_model_version": "sd_v1",
+        "ss_base_model_version": BASE_MODEL_VERSIONS[family],
         "ss_sd_model_name": run.base_model.name,
         "ss_resolution": f"({run.resolution}, {run.resolution})",
         "ss_steps": str(step),
@@ -146,5 +151,6 @@ def kohya_metadata(run: TrainingRunSpec, step: int) -> dict[str, str]:
         "ss_training_finished_at": str(datetime.now(timezone.utc).timestamp()),
         "ss_tag_frequency": json.dumps({run.dataset.trigger_word: {run.dataset.trigger_word: 1}}),
         "modelspec.title": run.run_id,
+        "modelspec.architecture": ARCHITECTURES[family],
         "lora_sweep.run_id": run.run_id,
     }

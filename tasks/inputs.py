@@ -50,9 +50,14 @@ def prepare_inputs(spec: SweepSpec) -> PreparedInputs:
     for index, model in enumerate(spec.base_models):
         path, found = _model_path(spec, model.path, model.config)
         model_paths[model.name] = path
+        if not found:
+            found = _family_problems(spec, path, model.config)
         problems += [f"base_models[{index}] ({model.name}): {p}" for p in found]
     dataset_path, fingerprint, count, found = _dataset(spec)
     problems += found
+    if not found and spec.training.validation_images >= count:
+        problems.append(f"training.validation_images = {spec.training.validation_images} leaves no training image "
+                        f"(the dataset has {count}); allowed: 0 to {count - 1}")
     if spec.metrics.clip_model:
         from tasks.clip_metrics import clip_folder_problems
 
@@ -69,11 +74,20 @@ def _model_path(spec: SweepSpec, path: str, config: str | None) -> tuple[str, li
 
     if path.startswith(BUILTIN_PREFIX):
         from tasks.tiny_model import ensure_tiny_model, ensure_world_model
+        from tasks.tiny_sdxl import ensure_tiny_sdxl
 
         name = path[len(BUILTIN_PREFIX) :]
-        ensure = ensure_world_model if name == "tiny-sd15-world" else ensure_tiny_model
+        ensure = {"tiny-sd15-world": ensure_world_model, "tiny-sdxl": ensure_tiny_sdxl}.get(name, ensure_tiny_model)
         return str(ensure(builtin_dir(spec) / name)), []
     return path, validate_base_model(path, config=config)
+
+
+def _family_problems(spec: SweepSpec, path: str, config: str | None) -> list[str]:
+    """Training options the model's family (SD1.x or SDXL) cannot use yet."""
+    from tasks.base_model import model_family
+    from tasks.train_options import family_problems
+
+    return family_problems(spec.training, model_family(path, config))
 
 
 def _dataset(spec: SweepSpec) -> tuple[str, str, int, list[str]]:

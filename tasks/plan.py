@@ -54,6 +54,7 @@ class TrainingRunSpec(_Frozen):
     optimizer: Literal["adamw", "adamw8bit"] = "adamw"
     train_text_encoder: bool = False
     text_encoder_lr: float | None = None  # set exactly when train_text_encoder is
+    validation_images: int = 0  # dataset images held out of training for the validation loss
     memory_preset: MemoryPreset | None = None  # the choice behind resolution, batch size, ...; a record only
 
     @property
@@ -153,7 +154,7 @@ def training_runs(
 OPTION_DEFAULTS = {name: TrainingRunSpec.model_fields[name].default for name in (
     "lora_dropout", "lr_scheduler", "lr_warmup_steps", "lr_cycles", "gradient_accumulation_steps", "min_snr_gamma",
     "noise_offset", "mixed_precision", "gradient_checkpointing", "optimizer", "train_text_encoder",
-    "text_encoder_lr")}
+    "text_encoder_lr", "validation_images")}
 
 
 def _training_options(spec: SweepSpec) -> dict[str, object]:

@@ -7,6 +7,7 @@ steps retry; training and rendering failures propagate so Prefect marks the task
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 from prefect import task
@@ -31,12 +32,22 @@ def prepare_inputs_task(spec: SweepSpec) -> PreparedInputs:
     return prepare_inputs(spec)
 
 
+def gpu_slot(limit: str | None):
+    """Hold one slot of the Prefect global concurrency limit `limit` (None: no limit)."""
+    if not limit:
+        return contextlib.nullcontext()
+    from prefect.concurrency.sync import concurrency
+
+    return concurrency(limit, occupy=1, strict=True)
+
+
 @task(name="train-lora", task_run_name="train-{run.run_id}", cache_policy=NO_CACHE)
-def train_task(run: TrainingRunSpec):
+def train_task(run: TrainingRunSpec, gpu_limit: str | None = None):
     """Train in a child process, so its memory (GPU memory too) is returned when it ends."""
     from tasks.train_process import train_in_subprocess
 
-    return train_in_subprocess(run)
+    with gpu_slot(gpu_limit):
+        return train_in_subprocess(run)
 
 
 @task(name="train-lora-on-worker", task_run_name="train-{run.run_id}", cache_policy=NO_CACHE)
@@ -48,12 +59,13 @@ def train_on_worker_task(run: TrainingRunSpec, deployment: str):
 
 
 @task(name="render-grid", task_run_name="render-{job.render_id}", cache_policy=NO_CACHE)
-def render_task(job: RenderJobSpec) -> str:
+def render_task(job: RenderJobSpec, gpu_limit: str | None = None) -> str:
     """Render the job's grid, then score its images (each step skips work already on disk)."""
     from tasks.render import render_job
     from tasks.score import score_job
 
-    images = render_job(job)
+    with gpu_slot(gpu_limit):
+        images = render_job(job)
     score_job(job)
     return str(images)
 

@@ -18,7 +18,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 BUILTIN_PREFIX = "builtin:"
-BUILTIN_MODELS = ("tiny-sd15", "tiny-sd15-world")
+BUILTIN_MODELS = ("tiny-sd15", "tiny-sd15-world", "tiny-sdxl")
 BUILTIN_DATASETS = ("demo-world",)
 TRIGGER_PLACEHOLDER = "{trigger}"
 
@@ -157,6 +157,7 @@ class TrainingSpec(_Frozen):
     train_text_encoder: bool = False
     text_encoder_lr: float | None = Field(default=None, gt=0, le=1)
     memory_preset_gib: float | None = Field(default=None, ge=4, le=4096)  # 4: the smallest sd15 tier
+    validation_images: int = Field(default=0, ge=0, le=10_000)  # held out; validation loss at each checkpoint
 
     @model_validator(mode="before")
     @classmethod
@@ -315,6 +316,13 @@ class ExecutionSpec(_Frozen):
     cuda_devices: tuple[str, ...] = ()
     gpus_per_task: int = Field(default=1, ge=0, le=1, description="Dask resource GPU each train/render task holds")
     train_deployment: str | None = None
+    # Threads runner: training and render tasks hold one slot of this Prefect global concurrency
+    # limit while they run (one GPU: one at a time). Created on first use with `gpu_limit_slots`
+    # slots (0: one per CUDA device here). Applied when CUDA is present, or always with
+    # gpu_limit_on_cpu = true. "" turns it off.
+    gpu_limit: str = Field(default="lora-sweep-gpu", pattern=r"^$|^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    gpu_limit_slots: int = Field(default=0, ge=0, le=64)
+    gpu_limit_on_cpu: bool = False
 
     @field_validator("dask_address")
     @classmethod
@@ -353,6 +361,10 @@ class ExecutionSpec(_Frozen):
                 problems.append(f"{' and '.join(local)} describe the LocalCluster the flow starts without "
                                 f"dask_address; with dask_address = {self.dask_address!r} start the workers yourself "
                                 f"(`dask worker {self.dask_address} --resources GPU=1`)")
+        if self.runner == "dask":
+            problems += [f"{k} = {getattr(self, k)!r} applies to runner = 'threads'; with 'dask' each task holds "
+                         "one Dask GPU resource instead (gpus_per_task)"
+                         for k in ("gpu_limit", "gpu_limit_slots", "gpu_limit_on_cpu") if k in self.model_fields_set]
         if self.cuda_devices and self.n_workers is not None and self.n_workers != len(self.cuda_devices):
             problems.append(f"n_workers = {self.n_workers} but cuda_devices lists {len(self.cuda_devices)} "
                             f"device(s) {list(self.cuda_devices)}; allowed: one worker per device (omit n_workers)")

@@ -8,6 +8,8 @@ schedule with warmup, gradient accumulation (a step = `gradient_accumulation_ste
 Min-SNR loss weighting, offset noise, fp16/bf16 mixed precision, gradient checkpointing, 8-bit
 AdamW and a text-encoder LoRA (the text encoder then runs every step). Attention is diffusers'
 default, PyTorch's scaled_dot_product_attention.
+SDXL base models train the same way, their UNet also conditioned on the pooled text embedding and
+size ids (tasks.text_conditioning); the text-encoder LoRA and validation loss are SD1.x-only.
 """
 
 from __future__ import annotations
@@ -30,15 +32,17 @@ from tqdm.auto import tqdm
 
 from storage.layout import SweepLayout
 from storage.parquet_io import write_rows
-from tasks.base_model import MODEL_BUILD_LOCK, load_pipeline
+from tasks.base_model import MODEL_BUILD_LOCK, load_pipeline, model_family
 from tasks.captions import load_captioner, training_caption
 from tasks.checkpoint_io import DIFFUSERS_FILE, checkpoint_complete, load_training_state, save_checkpoint
 from tasks.dataset import DatasetItem, load_training_image
 from tasks.dataset_sources import load_items
 from tasks.plan import CheckpointRef, TrainingRunSpec, checkpoint_id
-from tasks.train_options import (check_training_support, diffusion_loss, log_memory_preset, loop_state, make_optimizer,
-                                 restore_loop_state, sample_noise)
+from tasks.text_conditioning import TextConditioning, encode_captions, size_ids, text_encoders
+from tasks.train_options import (check_family_support, check_training_support, diffusion_loss, log_memory_preset,
+                                 loop_state, make_optimizer, restore_loop_state, sample_noise)
 from tasks.training_presets import TEXT_ENCODER_TARGETS
+from tasks.validation import prepare_validation, split_validation, validation_loss
 
 log = logging.getLogger(__name__)
 ADAPTER = "default"
@@ -73,12 +77,18 @@ def train_lora(run: TrainingRunSpec) -> TrainingResult:
 def _train(run: TrainingRunSpec, layout: SweepLayout) -> dict[str, float]:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     check_training_support(run, device)
+    family = model_family(run.base_model_path, run.base_model.config)
+    check_family_support(run, family)
     log_memory_preset(run)
     captioner = load_captioner(run.dataset.captioner, device=device) if run.dataset.captioner else None
     items = load_items(run.dataset, Path(run.dataset_path), min_size=8, captioner=captioner)
+    items, held_out = split_validation(items, run.validation_images, run.seed)
     pipe = load_pipeline(run.base_model_path, config=run.base_model.config, device=device)
+    validation = prepare_validation(pipe, held_out, run.resolution, run.seed, device) if held_out else None
     resume = _latest_training_state(run, layout)
-    checkpoint_rows: list[dict[str, object]] = list(resume["checkpoint_rows"]) if resume else []
+    # Rows saved before validation_loss existed read as null.
+    checkpoint_rows: list[dict[str, object]] = ([{"validation_loss": None, **row} for row in resume["checkpoint_rows"]]
+                                                if resume else [])
     losses: list[float] = list(resume["losses"]) if resume else []
     # States saved before LR schedules existed ran at the constant learning rate.
     learning_rates: list[float] = list(resume.get("learning_rates", [run.learning_rate] * len(losses))) if resume else []
@@ -91,13 +101,14 @@ def _train(run: TrainingRunSpec, layout: SweepLayout) -> dict[str, float]:
     def on_checkpoint(step: int, loop: dict) -> None:
         elapsed = elapsed_before + time.perf_counter() - t0
         row = _checkpoint_row(run, layout, step, losses, elapsed)
+        row["validation_loss"] = validation_loss(pipe, validation, device) if validation else None
         state = {"step": step, "lora": get_peft_model_state_dict(pipe.unet, adapter_name=ADAPTER), **loop,
                  "losses": list(losses), "learning_rates": list(learning_rates),
                  "checkpoint_rows": [*checkpoint_rows, row], "elapsed": elapsed}
         if text_encoder is not None:
             state["text_encoder_lora"] = get_peft_model_state_dict(text_encoder, adapter_name=ADAPTER)
         save_checkpoint(run, pipe.unet, ADAPTER, step, row["checkpoint_id"], layout.checkpoint_dir(run.run_id, step),
-                        training_state=state, text_encoder=text_encoder)
+                        training_state=state, text_encoder=text_encoder, family=family)
         checkpoint_rows.append(row)
 
     params = fit_lora(pipe, run, items, device=device, losses=losses, on_checkpoint=on_checkpoint, resume=resume,
@@ -128,22 +139,25 @@ def fit_lora(pipe, run: TrainingRunSpec, items: list[DatasetItem], *, device: st
     exactly the weights an uninterrupted run would have. Returns the trainable parameter count.
     """
     check_training_support(run, device)
+    encoders, tokenizers = text_encoders(pipe)
+    check_family_support(run, "sdxl" if len(encoders) == 2 else "sd15")
     torch.manual_seed(run.seed)
-    unet, vae, text_encoder, tokenizer = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
+    unet, vae, text_encoder = pipe.unet, pipe.vae, pipe.text_encoder
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    for module in (unet, vae, text_encoder):
+    for module in (unet, vae, *encoders):
         module.requires_grad_(False)
 
     # The VAE is frozen, so each image is encoded once; so is each caption unless the text encoder trains.
     generator = torch.Generator(device="cpu").manual_seed(run.seed)
-    latents, embeddings = _encode_dataset(items, run.resolution, vae, text_encoder, tokenizer, generator, device)
+    latents, cached = _encode_dataset(items, run.resolution, vae, encoders, tokenizers, generator, device)
 
     # Mixed precision: frozen weights are held in the half dtype (half the memory); the LoRA weights
     # and their optimizer state stay fp32, and autocast runs the forward passes in the half dtype.
     half = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(run.mixed_precision)
     if half is not None:
         unet.to(half)
-        text_encoder.to(half)
+        for encoder in encoders:
+            encoder.to(half)
     lora = dict(r=run.rank, lora_alpha=run.alpha, lora_dropout=run.lora_dropout, init_lora_weights="gaussian")
     with MODEL_BUILD_LOCK:
         unet.add_adapter(LoraConfig(**lora, target_modules=list(run.target_modules)), adapter_name=ADAPTER)
@@ -212,12 +226,11 @@ def fit_lora(pipe, run: TrainingRunSpec, items: list[DatasetItem], *, device: st
             else:
                 target = noise_part
             with autocast:
+                condition = cached.select(index[rows])
                 if per_step_captions or run.train_text_encoder:  # the text encoder runs every step
-                    encoder_states = _encode_captions(captions[rows], text_encoder, tokenizer, device,
-                                                      grad=run.train_text_encoder)
-                else:
-                    encoder_states = embeddings[index[rows]].to(device)
-                prediction = unet(noisy, t, encoder_states).sample
+                    condition = condition.with_text(*encode_captions(captions[rows], encoders, tokenizers, device,
+                                                                     grad=run.train_text_encoder))
+                prediction = unet(noisy, t, **condition.unet_kwargs(device)).sample
             loss = diffusion_loss(prediction, target, t, noise_scheduler, run.min_snr_gamma)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"loss became {loss.item()} at step {step}; lower training.learning_rate")
@@ -241,9 +254,9 @@ def fit_lora(pipe, run: TrainingRunSpec, items: list[DatasetItem], *, device: st
     return sum(p.numel() for p in unet_params + text_params)
 
 
-def _encode_dataset(items: list[DatasetItem], resolution: int, vae, text_encoder, tokenizer,
-                    generator: torch.Generator, device: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """VAE latents (scaled) and text-encoder hidden states for every training example."""
+def _encode_dataset(items: list[DatasetItem], resolution: int, vae, encoders: list, tokenizers: list,
+                    generator: torch.Generator, device: str) -> tuple[torch.Tensor, TextConditioning]:
+    """VAE latents (scaled) and the text conditioning (SDXL: with size ids) of every training example."""
     pixels = torch.stack([
         torch.from_numpy(load_training_image(item.path, resolution)).permute(2, 0, 1) for item in items
     ])
@@ -252,17 +265,10 @@ def _encode_dataset(items: list[DatasetItem], resolution: int, vae, text_encoder
         for chunk in pixels.split(8):
             dist = vae.encode(chunk.to(device, vae.dtype)).latent_dist
             latents.append(dist.sample(generator=generator).cpu() if device == "cpu" else dist.sample().cpu())
-    embeddings = _encode_captions([item.caption for item in items], text_encoder, tokenizer, device).cpu()
-    return torch.cat(latents) * vae.config.scaling_factor, embeddings
-
-
-def _encode_captions(captions: list[str], text_encoder, tokenizer, device: str, grad: bool = False) -> torch.Tensor:
-    """Text-encoder hidden states for a list of captions (truncated at the tokenizer's 77 tokens);
-    `grad` when the text encoder's LoRA trains."""
-    tokens = tokenizer(captions, padding="max_length", truncation=True, max_length=tokenizer.model_max_length,
-                       return_tensors="pt").input_ids
-    with torch.set_grad_enabled(grad):
-        return text_encoder(tokens.to(device))[0]
+        states, pooled = encode_captions([item.caption for item in items], encoders, tokenizers, device)
+    time_ids = torch.tensor([size_ids(item.path, resolution) for item in items]) if pooled is not None else None
+    cached = TextConditioning(states.cpu(), None if pooled is None else pooled.cpu(), time_ids)
+    return torch.cat(latents) * vae.config.scaling_factor, cached
 
 
 def _checkpoint_row(run: TrainingRunSpec, layout: SweepLayout, step: int, losses: list[float],

@@ -19,6 +19,9 @@ from safetensors.numpy import load_file
 from tasks.run_claim import read_trainers
 from tests.conftest import small_sweep_data, write_spec
 
+# Two sweeps and a LocalCluster of 2 processes (~2 min on 2 cores): in `make test-slow`, which CI runs too.
+pytestmark = pytest.mark.slow
+
 # Columns that say where or how long, not what: they differ between any two runs of a sweep.
 VOLATILE = {"sweep_id", "path", "render_s", "run_dir", "base_model_path", "lora_path", "kohya_path",
             "wall_time_s", "steps_per_s", "peak_memory_mb", "started_at", "finished_at"}

@@ -156,3 +156,33 @@ def test_every_execution_example_in_the_scaling_docs_is_a_valid_section(tmp_path
     assert len(blocks) >= 4
     for block in blocks:
         spec_with(tmp_path, block)
+
+
+def test_gpu_limit_lets_one_training_run_at_a_time(prefect_harness, tmp_path: Path) -> None:
+    """With the threads runner, training tasks hold a slot of a Prefect global concurrency limit;
+    at 1 slot the two runs of the sweep train one after the other (without it both threads overlap)."""
+    import duckdb
+    from prefect.client.orchestration import get_client
+
+    from flows.lora_sweep import lora_sweep
+    from tests.conftest import write_spec
+
+    data = small_sweep_data(tmp_path / "out", max_steps=4, checkpoint_steps=[4])
+    data["render"].update(seeds=[1], samplers=["Euler a"], steps=[2])
+    data["execution"] = {"gpu_limit": "test-one-gpu", "gpu_limit_on_cpu": True, "gpu_limit_slots": 1}
+    summary = lora_sweep(spec_path=str(write_spec(tmp_path, data)))
+    assert summary["failures"] == []
+    with duckdb.connect(str(Path(summary["sweep_root"]) / "catalog.duckdb"), read_only=True) as con:
+        spans = con.execute("SELECT started_at, finished_at FROM runs ORDER BY started_at").fetchall()
+    assert len(spans) == 2
+    assert spans[0][1] <= spans[1][0], spans  # the second started after the first finished
+    with get_client(sync_client=True) as client:
+        assert client.read_global_concurrency_limit_by_name("test-one-gpu").limit == 1
+
+
+def test_gpu_limit_settings_are_refused_with_the_dask_runner(tmp_path: Path) -> None:
+    found = problems(tmp_path, {"runner": "dask", "gpu_limit_on_cpu": True, "gpu_limit_slots": 2})
+    assert any("gpu_limit_on_cpu = True applies to runner = 'threads'" in p for p in found), found
+    assert any("gpu_limit_slots = 2 applies to runner = 'threads'" in p for p in found), found
+    found = problems(tmp_path, {"gpu_limit": "bad name!"})
+    assert any("execution.gpu_limit" in p and "bad name!" in p for p in found), found

@@ -119,7 +119,7 @@ def make_fake_sweep(root: Path) -> SweepLayout:
         checkpoints.append({
             "sweep_id": SWEEP_ID, "run_id": f"run-r{rank}", "checkpoint_id": f"run-r{rank}-{step}", "step": step,
             "lora_path": str((ckpt_dir / "pytorch_lora_weights.safetensors").relative_to(root)),
-            "kohya_path": str(ckpt_dir / "kohya.safetensors"), "train_loss_smoothed": 0.1, "wall_time_s": 1.0,
+            "kohya_path": str(ckpt_dir / "kohya.safetensors"), "train_loss_smoothed": 0.1, "validation_loss": 0.12, "wall_time_s": 1.0,
         })
     for rank in RANKS:
         losses += [{"sweep_id": SWEEP_ID, "run_id": f"run-r{rank}", "step": s,
@@ -181,7 +181,8 @@ def test_summary_failures_and_best(sweep: SweepLayout) -> None:
     text = build_report(sweep.root).read_text(encoding="utf-8")
     assert "RuntimeError: CUDA out of memory." in text and 'id="failed"' in text
     assert "0123abcd" in text and "2.13.0" in text
-    assert text.count("<polyline") == 4  # two runs, raw + smoothed
+    assert text.count("<polyline") == 6  # two runs: raw, smoothed and validation at the checkpoints
+    assert text.count('class="validation-dot"') == len(RANKS) * len(STEPS)
     best = {row["metric"]: row for row in load_sweep(sweep.root).best}
     assert (best["clip_score"]["rank"], best["clip_score"]["step"]) == (8, 100)
     assert (best["train_l2"]["rank"], best["train_l2"]["step"]) == (4, 50)

@@ -263,3 +263,39 @@ def test_fp16_with_loss_scaling_and_checkpointing_trains_on_cuda(world, optimize
     weights = lora_weights(pipe)
     assert all(v.dtype == torch.float32 for v in weights.values())
     assert any(v.abs().max() > 0 for k, v in weights.items() if "lora_B" in k)
+
+
+def test_validation_loss_is_measured_on_held_out_images_at_every_checkpoint(world) -> None:
+    import pyarrow.parquet as pq
+
+    from tasks.checkpoint_io import DIFFUSERS_FILE
+    from tasks.validation import prepare_validation, split_validation, validation_loss
+
+    _, inputs, items = world
+    run = make_run(world, max_steps=6, checkpoint_steps=[3, 6], validation_images=2)
+    result = train_lora(run)
+    layout = SweepLayout(Path(run.sweep_root))
+    rows = sorted(pq.read_table(layout.table_file("checkpoints", run.run_id)).to_pylist(), key=lambda r: r["step"])
+    values = [r["validation_loss"] for r in rows]
+    assert all(math.isfinite(v) for v in values) and values[0] != values[1], values
+    assert pq.read_table(layout.table_file("runs", run.run_id)).to_pylist()[0]["num_images"] == len(items) - 2
+
+    training, held = split_validation(items, 2, run.seed)
+    assert len(held) == 2 and {h.path for h in held}.isdisjoint(t.path for t in training)
+    assert split_validation(items, 2, run.seed) == (training, held)  # chosen by the seed, not by chance
+    # Fixed timesteps and noise: the reloaded final LoRA measures the recorded value again.
+    pipe = load_pipeline(inputs.model_paths["tiny-sd15"])
+    pipe.load_lora_weights(result.checkpoints[-1].lora_dir, weight_name=DIFFUSERS_FILE, adapter_name="v")
+    validation = prepare_validation(pipe, held, run.resolution, run.seed, "cpu")
+    assert validation_loss(pipe, validation, "cpu") == pytest.approx(values[-1], rel=1e-4)
+    pipe.set_adapters(["v"], adapter_weights=[0.0])  # and without the LoRA it differs
+    assert validation_loss(pipe, validation, "cpu") != pytest.approx(values[-1], rel=1e-4)
+
+
+def test_holding_out_every_image_is_refused_before_any_work(world, tmp_path: Path) -> None:
+    from tasks.inputs import InputError
+
+    spec = parse_spec(small_sweep_data(tmp_path / "out", validation_images=12))
+    with pytest.raises(InputError, match=r"training.validation_images = 12 leaves no training image \(the dataset "
+                                         r"has 12\); allowed: 0 to 11"):
+        prepare_inputs(spec)

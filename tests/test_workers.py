@@ -20,6 +20,9 @@ import pytest
 from tasks.run_claim import read_trainers
 from tests.conftest import small_sweep_data, write_spec
 
+# A private Prefect server, two workers and a sweep (~1-2 min on 2 cores): in `make test-slow`, which CI runs too.
+pytestmark = pytest.mark.slow
+
 REPO = Path(__file__).resolve().parent.parent
 POOL = "lora-sweep-local"  # prefect.yaml's pool, created on the harness's private server
 DEPLOYMENT = "lora-train/train-run"

@@ -1,0 +1,74 @@
+"""What the UNet is conditioned on besides the noisy latents, for each model family.
+
+SD1.x: the text encoder's last hidden states. SDXL: both text encoders' penultimate hidden
+states, concatenated, plus `added_cond_kwargs`: the second encoder's pooled (projected) embedding
+and six size ids (original height and width, crop top and left, target height and width), built
+as diffusers' StableDiffusionXLPipeline builds them at render time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageOps
+
+
+@dataclass(frozen=True)
+class TextConditioning:
+    """Per example: text hidden states and, for SDXL, the pooled text embedding and size ids."""
+
+    states: torch.Tensor
+    pooled: torch.Tensor | None = None
+    time_ids: torch.Tensor | None = None
+
+    def select(self, index: torch.Tensor) -> TextConditioning:
+        return TextConditioning(self.states[index], *(None if x is None else x[index]
+                                                      for x in (self.pooled, self.time_ids)))
+
+    def with_text(self, states: torch.Tensor, pooled: torch.Tensor | None) -> TextConditioning:
+        """The same examples with freshly encoded text (caption dropout, tag shuffle, text-encoder LoRA)."""
+        return TextConditioning(states, pooled, self.time_ids)
+
+    def unet_kwargs(self, device: str) -> dict[str, object]:
+        added = None
+        if self.pooled is not None:
+            added = {"text_embeds": self.pooled.to(device), "time_ids": self.time_ids.to(device)}
+        return {"encoder_hidden_states": self.states.to(device), "added_cond_kwargs": added}
+
+
+def text_encoders(pipe) -> tuple[list, list]:
+    """The pipeline's text encoders and their tokenizers: one for SD1.x, two for SDXL."""
+    if getattr(pipe, "text_encoder_2", None) is not None:
+        return [pipe.text_encoder, pipe.text_encoder_2], [pipe.tokenizer, pipe.tokenizer_2]
+    return [pipe.text_encoder], [pipe.tokenizer]
+
+
+def encode_captions(captions: list[str], encoders: list, tokenizers: list, device: str,
+                    grad: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(hidden states, pooled or None) for a list of captions (truncated at the tokenizer's 77 tokens);
+    `grad` when the text encoder's LoRA trains."""
+    with torch.set_grad_enabled(grad):
+        if len(encoders) == 1:
+            return encoders[0](_tokens(captions, tokenizers[0]).to(device))[0], None
+        states = []
+        for encoder, tokenizer in zip(encoders, tokenizers, strict=True):
+            output = encoder(_tokens(captions, tokenizer).to(device), output_hidden_states=True)
+            states.append(output.hidden_states[-2])
+        return torch.cat(states, dim=-1), output[0]  # the last (projection) encoder's pooled embedding
+
+
+def _tokens(captions: list[str], tokenizer) -> torch.Tensor:
+    return tokenizer(captions, padding="max_length", truncation=True, max_length=tokenizer.model_max_length,
+                     return_tensors="pt").input_ids
+
+
+def size_ids(path: Path, resolution: int) -> list[float]:
+    """SDXL's six size ids for an image as tasks.dataset.load_training_image crops it (centre crop to
+    a square, resized): original (h, w), the crop's top-left in the resized image, target (h, w)."""
+    with Image.open(path) as img:
+        width, height = ImageOps.exif_transpose(img).size
+    scale = resolution / min(width, height)
+    top, left = round((height * scale - resolution) / 2), round((width * scale - resolution) / 2)
+    return [float(height), float(width), float(top), float(left), float(resolution), float(resolution)]

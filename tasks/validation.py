@@ -1,0 +1,87 @@
+"""Validation loss: held-out images at fixed timesteps and fixed noise, so checkpoints compare.
+
+`training.validation_images = k` holds k dataset images out of training (chosen by the run's
+seed). At every checkpoint their denoising loss is measured at the same five timesteps with the
+same noise, with the LoRA as it is at that step: a number that moves only because the weights
+did, comparable across the checkpoints of a run (and across runs on the same dataset and seed).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler
+
+from tasks.dataset import DatasetItem, load_training_image
+
+VALIDATION_TIMESTEPS = (100, 300, 500, 700, 900)
+NOISE_SEED_OFFSET = 1_000_003  # validation noise never shares the training generator's stream
+
+
+def split_validation(items: list[DatasetItem], count: int, seed: int) -> tuple[list[DatasetItem], list[DatasetItem]]:
+    """(training items, held-out items): `count` items chosen by `seed`, both lists in dataset order."""
+    if count <= 0:
+        return list(items), []
+    if count >= len(items):
+        raise ValueError(f"training.validation_images = {count} leaves no training image (the dataset has "
+                         f"{len(items)}); allowed: 0 to {len(items) - 1}")
+    held = set(np.random.default_rng(seed).permutation(len(items))[:count].tolist())
+    return ([item for i, item in enumerate(items) if i not in held],
+            [item for i, item in enumerate(items) if i in held])
+
+
+@dataclass(frozen=True)
+class ValidationSet:
+    """Held-out latents (VAE posterior mean), caption tokens and one fixed noise draw per timestep."""
+
+    latents: torch.Tensor  # (n, C, h, w), scaled
+    noise: torch.Tensor  # (len(VALIDATION_TIMESTEPS), n, C, h, w)
+    tokens: torch.Tensor  # (n, 77)
+
+
+@torch.no_grad()
+def prepare_validation(pipe, items: list[DatasetItem], resolution: int, seed: int, device: str) -> ValidationSet:
+    """Encode the held-out images once (the VAE is frozen) and draw their noise from a fixed seed."""
+    pixels = torch.stack([torch.from_numpy(load_training_image(item.path, resolution)).permute(2, 0, 1)
+                          for item in items])
+    vae = pipe.vae
+    latents = torch.cat([vae.encode(chunk.to(device, vae.dtype)).latent_dist.mean.float().cpu()
+                         for chunk in pixels.split(8)]) * vae.config.scaling_factor
+    generator = torch.Generator().manual_seed(seed + NOISE_SEED_OFFSET)
+    noise = torch.randn((len(VALIDATION_TIMESTEPS), *latents.shape), generator=generator)
+    tokens = pipe.tokenizer([item.caption for item in items], padding="max_length", truncation=True,
+                            max_length=pipe.tokenizer.model_max_length, return_tensors="pt").input_ids
+    return ValidationSet(latents, noise, tokens)
+
+
+@torch.no_grad()
+def validation_loss(pipe, validation: ValidationSet, device: str) -> float:
+    """Mean denoising MSE over the held-out images and VALIDATION_TIMESTEPS, in eval mode (no dropout)."""
+    unet, text_encoder = pipe.unet, pipe.text_encoder
+    modes = unet.training, text_encoder.training
+    unet.eval()
+    text_encoder.eval()
+    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    frozen = next(p.dtype for n, p in unet.named_parameters() if "lora_" not in n)
+    autocast = (torch.autocast("cuda" if device == "cuda" else "cpu", dtype=frozen)
+                if frozen in (torch.float16, torch.bfloat16) else contextlib.nullcontext())
+    try:
+        with autocast:
+            embeddings = text_encoder(validation.tokens.to(device))[0]
+            losses = []
+            for k, t in enumerate(VALIDATION_TIMESTEPS):
+                timesteps = torch.full((len(validation.latents),), t, dtype=torch.long)
+                noise = validation.noise[k]
+                noisy = scheduler.add_noise(validation.latents, noise, timesteps)
+                target = (scheduler.get_velocity(validation.latents, noise, timesteps)
+                          if scheduler.config.prediction_type == "v_prediction" else noise)
+                prediction = unet(noisy.to(device), timesteps.to(device), embeddings).sample
+                losses.append(F.mse_loss(prediction.float().cpu(), target).item())
+    finally:
+        unet.train(modes[0])
+        text_encoder.train(modes[1])
+    return float(np.mean(losses))
