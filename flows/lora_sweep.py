@@ -21,11 +21,12 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from flows.execution import sweep_executor
 from storage.catalog import Manifest, connect
 from storage.layout import SweepLayout
+from tasks.devices import CONCURRENT_TASKS
 from tasks.plan import CheckpointRef, render_jobs, sweep_root, training_runs
 from tasks.prefect_tasks import catalog_task, load_spec_task, prepare_inputs_task, report_task
 
 
-@flow(name="lora-sweep", task_runner=ThreadPoolTaskRunner(max_workers=2), log_prints=True)
+@flow(name="lora-sweep", task_runner=ThreadPoolTaskRunner(max_workers=CONCURRENT_TASKS), log_prints=True)
 def lora_sweep(spec_path: str = "sweeps/demo.toml"):
     """Run the sweep described by the TOML file at `spec_path` (relative to the working directory)."""
     logger = get_run_logger()

@@ -61,9 +61,13 @@ def train_on_worker_task(run: TrainingRunSpec, deployment: str):
 @task(name="render-grid", task_run_name="render-{job.render_id}", cache_policy=NO_CACHE)
 def render_task(job: RenderJobSpec, gpu_limit: str | None = None) -> str:
     """Render the job's grid, then score its images (each step skips work already on disk)."""
+    import torch
+
+    from tasks.devices import cpu_threads_per_task
     from tasks.render import render_job
     from tasks.score import score_job
 
+    torch.set_num_threads(cpu_threads_per_task())  # two render tasks share the cores, not 2x each
     with gpu_slot(gpu_limit):
         images = render_job(job)
     score_job(job)

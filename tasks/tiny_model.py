@@ -83,15 +83,21 @@ SCHEDULER_CONFIG = {  # Stable Diffusion 1.5's scheduler/scheduler_config.json
 }
 
 
+def seeded_models(seed: int, *builders: Callable[[], torch.nn.Module]) -> list[torch.nn.Module]:
+    """Build each model from its own seed (seed, seed + 1, ...), leaving the caller's global RNG untouched."""
+    models = []
+    with torch.random.fork_rng(devices=[]):
+        for offset, build in enumerate(builders):
+            torch.manual_seed(seed + offset)
+            models.append(build())
+    return models
+
+
 def tiny_components(seed: int) -> dict[str, object]:
     """Instantiate the pipeline components; each model gets its own seed so they are independent."""
-    with torch.random.fork_rng(devices=[]):  # leave the caller's global RNG untouched
-        torch.manual_seed(seed)
-        unet = UNet2DConditionModel(**UNET_CONFIG)
-        torch.manual_seed(seed + 1)
-        vae = AutoencoderKL(**VAE_CONFIG)
-        torch.manual_seed(seed + 2)
-        text_encoder = CLIPTextModel(CLIPTextConfig(**TEXT_CONFIG))
+    unet, vae, text_encoder = seeded_models(seed, lambda: UNet2DConditionModel(**UNET_CONFIG),
+                                            lambda: AutoencoderKL(**VAE_CONFIG),
+                                            lambda: CLIPTextModel(CLIPTextConfig(**TEXT_CONFIG)))
     return {
         "unet": unet,
         "vae": vae,

@@ -16,7 +16,7 @@ import torch
 from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from tasks.tiny_model import MARKER, TEXT_CONFIG, TOKENIZER_DIR, VAE_CONFIG, materialise, read_marker
+from tasks.tiny_model import MARKER, TEXT_CONFIG, TOKENIZER_DIR, VAE_CONFIG, materialise, read_marker, seeded_models
 
 SDXL_BUILDER_VERSION = 1
 SDXL_BUILD_ENTRIES = {"model_index.json", "unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2",
@@ -54,15 +54,10 @@ SDXL_SCHEDULER_CONFIG = {  # stabilityai/stable-diffusion-xl-base-1.0 scheduler/
 
 def tiny_sdxl_components(seed: int) -> dict[str, object]:
     """Instantiate the SDXL pipeline components, each model from its own seed."""
-    with torch.random.fork_rng(devices=[]):  # leave the caller's global RNG untouched
-        torch.manual_seed(seed)
-        unet = UNet2DConditionModel(**SDXL_UNET_CONFIG)
-        torch.manual_seed(seed + 1)
-        vae = AutoencoderKL(**SDXL_VAE_CONFIG)
-        torch.manual_seed(seed + 2)
-        text_encoder = CLIPTextModel(CLIPTextConfig(**TEXT_CONFIG))
-        torch.manual_seed(seed + 3)
-        text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**TEXT_CONFIG, projection_dim=TEXT_HIDDEN))
+    unet, vae, text_encoder, text_encoder_2 = seeded_models(
+        seed, lambda: UNet2DConditionModel(**SDXL_UNET_CONFIG), lambda: AutoencoderKL(**SDXL_VAE_CONFIG),
+        lambda: CLIPTextModel(CLIPTextConfig(**TEXT_CONFIG)),
+        lambda: CLIPTextModelWithProjection(CLIPTextConfig(**TEXT_CONFIG, projection_dim=TEXT_HIDDEN)))
     return {
         "unet": unet,
         "vae": vae,

@@ -48,7 +48,9 @@ def _train_claimed(run: TrainingRunSpec, layout: SweepLayout, run_dir: Path) -> 
     spec_file.write_text(run.model_dump_json(indent=2))
     layout.table_file("runs", run.run_id).unlink(missing_ok=True)  # a failed earlier attempt's row
     started = datetime.now(timezone.utc)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    from tasks.devices import cpu_threads_per_task
+
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(cpu_threads_per_task())}
     code = subprocess.run([sys.executable, "-m", "tasks.train", str(spec_file)], env=env,
                           preexec_fn=_die_with_parent).returncode
     if code == 0:
