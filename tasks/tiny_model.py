@@ -113,12 +113,16 @@ def tiny_components(seed: int) -> dict[str, object]:
 
 def build_tiny_sd15(folder: Path, seed: int = 0) -> Path:
     """Build the seeded tiny model and save it as an ordinary diffusers folder (safetensors)."""
-    folder = Path(folder)
-    pipe = StableDiffusionPipeline(**tiny_components(seed))
+    return save_built(StableDiffusionPipeline(**tiny_components(seed)), Path(folder), "tasks.tiny_model",
+                      BUILDER_VERSION, seed)
+
+
+def save_built(pipe, folder: Path, builder: str, version: int, seed: int) -> Path:
+    """Save a pipeline built in code as a diffusers folder, then its build record (written last)."""
     pipe.save_pretrained(folder, safe_serialization=True)
     marker = {
-        "builder": "tasks.tiny_model",
-        "builder_version": BUILDER_VERSION,
+        "builder": builder,
+        "builder_version": version,
         "seed": seed,
         "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__},  # provenance only
     }

@@ -8,15 +8,13 @@ and every code path (LoRA training, saving, reloading, samplers) behaves as on S
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-import diffusers
-import torch
 from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from tasks.tiny_model import MARKER, TEXT_CONFIG, TOKENIZER_DIR, VAE_CONFIG, materialise, read_marker, seeded_models
+from tasks.tiny_model import (MARKER, TEXT_CONFIG, TOKENIZER_DIR, VAE_CONFIG, materialise, read_marker, save_built,
+                              seeded_models)
 
 SDXL_BUILDER_VERSION = 1
 SDXL_BUILD_ENTRIES = {"model_index.json", "unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2",
@@ -74,16 +72,8 @@ def tiny_sdxl_components(seed: int) -> dict[str, object]:
 
 def build_tiny_sdxl(folder: Path, seed: int = 0) -> Path:
     """Build the seeded tiny SDXL model and save it as an ordinary diffusers folder (safetensors)."""
-    folder = Path(folder)
-    StableDiffusionXLPipeline(**tiny_sdxl_components(seed)).save_pretrained(folder, safe_serialization=True)
-    marker = {
-        "builder": "tasks.tiny_sdxl",
-        "builder_version": SDXL_BUILDER_VERSION,
-        "seed": seed,
-        "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__},  # provenance only
-    }
-    (folder / MARKER).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
-    return folder
+    return save_built(StableDiffusionXLPipeline(**tiny_sdxl_components(seed)), Path(folder), "tasks.tiny_sdxl",
+                      SDXL_BUILDER_VERSION, seed)
 
 
 def ensure_tiny_sdxl(folder: Path, seed: int = 0) -> Path:
