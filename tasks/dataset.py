@@ -146,6 +146,11 @@ def load_training_image(path: Path, resolution: int, *, size: tuple[int, int] | 
     return np.asarray(img, dtype=np.float32) / 127.5 - 1.0
 
 
+def training_images(items: list[DatasetItem], resolution: int) -> np.ndarray:
+    """Every item as load_training_image prepares it, stacked channels-first: N x 3 x H x W float32."""
+    return np.stack([load_training_image(item.path, resolution).transpose(2, 0, 1) for item in items])
+
+
 def bucket_resolutions(resolution: int, step: int = 64) -> list[tuple[int, int]]:
     """Bucket sizes (w, h): multiples of `step`, area <= resolution^2, aspect between 1:2 and 2:1."""
     area = resolution * resolution

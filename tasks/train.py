@@ -35,7 +35,7 @@ from storage.parquet_io import write_rows
 from tasks.base_model import MODEL_BUILD_LOCK, load_pipeline, model_family
 from tasks.captions import load_captioner, training_caption
 from tasks.checkpoint_io import DIFFUSERS_FILE, checkpoint_complete, load_training_state, save_checkpoint
-from tasks.dataset import DatasetItem, load_training_image
+from tasks.dataset import DatasetItem, training_images
 from tasks.dataset_sources import load_items
 from tasks.plan import CheckpointRef, TrainingRunSpec, checkpoint_id
 from tasks.text_conditioning import TextConditioning, encode_captions, size_ids, text_encoders
@@ -257,9 +257,7 @@ def fit_lora(pipe, run: TrainingRunSpec, items: list[DatasetItem], *, device: st
 def _encode_dataset(items: list[DatasetItem], resolution: int, vae, encoders: list, tokenizers: list,
                     generator: torch.Generator, device: str) -> tuple[torch.Tensor, TextConditioning]:
     """VAE latents (scaled) and the text conditioning (SDXL: with size ids) of every training example."""
-    pixels = torch.stack([
-        torch.from_numpy(load_training_image(item.path, resolution)).permute(2, 0, 1) for item in items
-    ])
+    pixels = torch.from_numpy(training_images(items, resolution))
     with torch.no_grad():
         latents = []
         for chunk in pixels.split(8):

@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
 
-from tasks.dataset import DatasetItem, load_training_image
+from tasks.dataset import DatasetItem, training_images
+from tasks.text_conditioning import encode_captions
 
 VALIDATION_TIMESTEPS = (100, 300, 500, 700, 900)
 NOISE_SEED_OFFSET = 1_000_003  # validation noise never shares the training generator's stream
@@ -36,26 +37,23 @@ def split_validation(items: list[DatasetItem], count: int, seed: int) -> tuple[l
 
 @dataclass(frozen=True)
 class ValidationSet:
-    """Held-out latents (VAE posterior mean), caption tokens and one fixed noise draw per timestep."""
+    """Held-out latents (VAE posterior mean), captions and one fixed noise draw per timestep."""
 
     latents: torch.Tensor  # (n, C, h, w), scaled
     noise: torch.Tensor  # (len(VALIDATION_TIMESTEPS), n, C, h, w)
-    tokens: torch.Tensor  # (n, 77)
+    captions: tuple[str, ...]  # encoded at every checkpoint: a text-encoder LoRA changes them
 
 
 @torch.no_grad()
 def prepare_validation(pipe, items: list[DatasetItem], resolution: int, seed: int, device: str) -> ValidationSet:
     """Encode the held-out images once (the VAE is frozen) and draw their noise from a fixed seed."""
-    pixels = torch.stack([torch.from_numpy(load_training_image(item.path, resolution)).permute(2, 0, 1)
-                          for item in items])
+    pixels = torch.from_numpy(training_images(items, resolution))
     vae = pipe.vae
     latents = torch.cat([vae.encode(chunk.to(device, vae.dtype)).latent_dist.mean.float().cpu()
                          for chunk in pixels.split(8)]) * vae.config.scaling_factor
     generator = torch.Generator().manual_seed(seed + NOISE_SEED_OFFSET)
     noise = torch.randn((len(VALIDATION_TIMESTEPS), *latents.shape), generator=generator)
-    tokens = pipe.tokenizer([item.caption for item in items], padding="max_length", truncation=True,
-                            max_length=pipe.tokenizer.model_max_length, return_tensors="pt").input_ids
-    return ValidationSet(latents, noise, tokens)
+    return ValidationSet(latents, noise, tuple(item.caption for item in items))
 
 
 @torch.no_grad()
@@ -71,7 +69,7 @@ def validation_loss(pipe, validation: ValidationSet, device: str) -> float:
                 if frozen in (torch.float16, torch.bfloat16) else contextlib.nullcontext())
     try:
         with autocast:
-            embeddings = text_encoder(validation.tokens.to(device))[0]
+            embeddings, _ = encode_captions(list(validation.captions), [text_encoder], [pipe.tokenizer], device)
             losses = []
             for k, t in enumerate(VALIDATION_TIMESTEPS):
                 timesteps = torch.full((len(validation.latents),), t, dtype=torch.long)
