@@ -151,6 +151,21 @@ def training_images(items: list[DatasetItem], resolution: int) -> np.ndarray:
     return np.stack([load_training_image(item.path, resolution).transpose(2, 0, 1) for item in items])
 
 
+def crop_sizes(items: list[DatasetItem], resolution: int, bucket_step: int | None = None) -> list[tuple[int, int]]:
+    """The (w, h) each item is cropped to for training: a `resolution` square, or with `bucket_step`
+    its aspect-ratio bucket (assign_buckets)."""
+    if bucket_step is None:
+        return [(resolution, resolution)] * len(items)
+    return assign_buckets([item.size if min(item.size) > 0 else image_size(item.path) for item in items],
+                          resolution, bucket_step)
+
+
+def image_size(path: Path) -> tuple[int, int]:
+    """(width, height) after EXIF rotation."""
+    with Image.open(path) as img:
+        return ImageOps.exif_transpose(img).size
+
+
 def bucket_resolutions(resolution: int, step: int = 64) -> list[tuple[int, int]]:
     """Bucket sizes (w, h): multiples of `step`, area <= resolution^2, aspect between 1:2 and 2:1."""
     area = resolution * resolution

@@ -44,6 +44,9 @@ def builtin_dir(spec: SweepSpec) -> Path:
 def prepare_inputs(spec: SweepSpec) -> PreparedInputs:
     """Validate base models, dataset and output folder; build builtin assets; raise InputError on any problem."""
     problems = _output_problems(Path(spec.output_dir))
+    if spec.training.cache_dir:
+        problems += [f"training.{p} (or set training.cache = 'memory')"
+                     for p in _output_problems(Path(spec.training.cache_dir), "cache_dir")]
     if problems:  # builtins are materialised under output_dir: nothing more can be checked
         raise InputError(problems)
     model_paths = {}
@@ -163,16 +166,16 @@ def _lora_state_dict_problems(file: Path) -> list[str]:
     return []
 
 
-def _output_problems(output_dir: Path) -> list[str]:
+def _output_problems(output_dir: Path, field: str = "output_dir") -> list[str]:
     existing = output_dir
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
     if not existing.is_dir():
-        return [f"output_dir {str(output_dir)!r}: {str(existing)!r} is a file, not a folder"]
+        return [f"{field} {str(output_dir)!r}: {str(existing)!r} is a file, not a folder"]
     if not os.access(existing, os.W_OK | os.X_OK):
-        return [f"output_dir {str(output_dir)!r}: folder {str(existing)!r} is not writable; choose a writable folder"]
+        return [f"{field} {str(output_dir)!r}: folder {str(existing)!r} is not writable; choose a writable folder"]
     free = shutil.disk_usage(existing).free
     if free < MIN_FREE_BYTES:
-        return [f"output_dir {str(output_dir)!r}: only {free / 2**20:.0f} MiB free on its disk; "
+        return [f"{field} {str(output_dir)!r}: only {free / 2**20:.0f} MiB free on its disk; "
                 f"need at least {MIN_FREE_BYTES / 2**20:.0f} MiB"]
     return []

@@ -56,6 +56,10 @@ class TrainingRunSpec(_Frozen):
     text_encoder_lr: float | None = None  # set exactly when train_text_encoder is
     validation_images: int = 0  # dataset images held out of training for the validation loss
     memory_preset: MemoryPreset | None = None  # the choice behind resolution, batch size, ...; a record only
+    buckets: bool = False  # aspect-ratio buckets (sides multiples of bucket_step)
+    bucket_step: int = 64
+    cache: Literal["disk", "memory", "off"] = "memory"  # where VAE latents and text outputs are kept
+    cache_dir: str | None = None  # set exactly when cache is "disk"
 
     @property
     def effective_batch_size(self) -> int:
@@ -137,8 +141,10 @@ def training_runs(
                 target_modules=t.lora_targets(),
                 **_training_options(spec),
             )
-            identity = {k: v for k, v in fields.items() if k not in ("base_model_path", "dataset_path", "memory_preset")
+            identity = {k: v for k, v in fields.items() if k not in NOT_IN_ID
                         and not (k in OPTION_DEFAULTS and v == OPTION_DEFAULTS[k])}
+            if t.cache == "off":  # encoding every step draws the VAE samples differently; disk and memory agree
+                identity["cache"] = "off"
             identity["base_model"] = model.model_dump(exclude={"name"})
             identity["dataset"] = {"trigger_word": spec.dataset.trigger_word}
             run_id = f"{model.name}-r{rank}-{content_id(_jsonable(identity), 10)}"
@@ -150,11 +156,13 @@ def training_runs(
 
 # Options added after the first runs were trained: left out of a run's id while at their default, so
 # those runs keep their ids and finished checkpoints. The memory preset is never in the id: it is a
-# record, its effect is already in resolution, batch size and the rest.
+# record, its effect is already in resolution, batch size and the rest. Neither is where encodings
+# are cached: a disk cache gives the bits an in-memory one does.
 OPTION_DEFAULTS = {name: TrainingRunSpec.model_fields[name].default for name in (
     "lora_dropout", "lr_scheduler", "lr_warmup_steps", "lr_cycles", "gradient_accumulation_steps", "min_snr_gamma",
     "noise_offset", "mixed_precision", "gradient_checkpointing", "optimizer", "train_text_encoder",
-    "text_encoder_lr", "validation_images")}
+    "text_encoder_lr", "validation_images", "buckets")}
+NOT_IN_ID = ("base_model_path", "dataset_path", "memory_preset", "cache", "cache_dir")
 
 
 def _training_options(spec: SweepSpec) -> dict[str, object]:
@@ -163,6 +171,10 @@ def _training_options(spec: SweepSpec) -> dict[str, object]:
     options: dict[str, object] = {name: getattr(t, name) for name in OPTION_DEFAULTS}
     options["text_encoder_lr"] = (t.text_encoder_lr or t.learning_rate) if t.train_text_encoder else None
     options["memory_preset"] = memory_preset(t.memory_preset_gib) if t.memory_preset_gib is not None else None
+    options["cache"] = t.cache
+    options["cache_dir"] = (t.cache_dir or str(Path(spec.output_dir) / "cache")) if t.cache == "disk" else None
+    if t.buckets:  # the step only matters (and only enters the id) with buckets on
+        options["bucket_step"] = t.bucket_step
     return options
 
 

@@ -158,6 +158,14 @@ class TrainingSpec(_Frozen):
     text_encoder_lr: float | None = Field(default=None, gt=0, le=1)
     memory_preset_gib: float | None = Field(default=None, ge=4, le=4096)  # 4: the smallest sd15 tier
     validation_images: int = Field(default=0, ge=0, le=10_000)  # held out; validation loss at each checkpoint
+    # VAE latents and text-encoder outputs: "disk" keeps them under cache_dir keyed by content hash
+    # (reused by later runs, sweeps and resumes), "memory" encodes once per run, "off" encodes every step.
+    cache: Literal["disk", "memory", "off"] = "disk"
+    cache_dir: str | None = Field(default=None, min_length=1)  # default: <output_dir>/cache
+    # Aspect-ratio buckets: each image keeps its shape, cropped to the nearest of a set of sizes of
+    # about resolution^2 pixels (sides multiples of bucket_step, 1:2 to 2:1); a batch holds one bucket.
+    buckets: bool = False
+    bucket_step: int = Field(default=64, ge=8, le=512, multiple_of=8)
 
     @model_validator(mode="before")
     @classmethod
@@ -196,6 +204,11 @@ class TrainingSpec(_Frozen):
                             f"(lr_scheduler is {self.lr_scheduler!r}); allowed: lr_cycles 1")
         if self.text_encoder_lr is not None and not self.train_text_encoder:
             problems.append(f"text_encoder_lr {self.text_encoder_lr} only applies with train_text_encoder = true")
+        if self.buckets and self.bucket_step > self.resolution:
+            problems.append(f"bucket_step {self.bucket_step} exceeds resolution {self.resolution}; "
+                            f"allowed: a multiple of 8 up to {self.resolution}")
+        if self.cache_dir is not None and self.cache != "disk":
+            problems.append(f"cache_dir {self.cache_dir!r} only applies with cache = 'disk' (cache is {self.cache!r})")
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -486,6 +499,7 @@ def resolve_paths(spec: SweepSpec, base: Path) -> SweepSpec:
         update={
             "metrics": metrics,
             "output_dir": absolute(spec.output_dir),
+            "training": spec.training.model_copy(update={"cache_dir": absolute(spec.training.cache_dir)}),
             "dataset": spec.dataset.model_copy(update={"path": absolute(spec.dataset.path),
                                                        "captioner": _absolute_captioner(spec.dataset.captioner, absolute)}),
             "base_models": models,

@@ -19,13 +19,12 @@ from PIL import Image, ImageOps
 class TextConditioning:
     """Per example: text hidden states and, for SDXL, the pooled text embedding and size ids."""
 
-    states: torch.Tensor
+    states: torch.Tensor | None  # None until encoded (training with the encoding cache off)
     pooled: torch.Tensor | None = None
     time_ids: torch.Tensor | None = None
 
     def select(self, index: torch.Tensor) -> TextConditioning:
-        return TextConditioning(self.states[index], *(None if x is None else x[index]
-                                                      for x in (self.pooled, self.time_ids)))
+        return TextConditioning(*(None if x is None else x[index] for x in (self.states, self.pooled, self.time_ids)))
 
     def with_text(self, states: torch.Tensor, pooled: torch.Tensor | None) -> TextConditioning:
         """The same examples with freshly encoded text (caption dropout, tag shuffle, text-encoder LoRA)."""
@@ -59,16 +58,23 @@ def encode_captions(captions: list[str], encoders: list, tokenizers: list, devic
         return torch.cat(states, dim=-1), output[0]  # the last (projection) encoder's pooled embedding
 
 
+def caption_tokens(caption: str, tokenizers: list) -> list[torch.Tensor]:
+    """The token ids each tokenizer gives one caption (padded to 77): all its encoders see."""
+    return [_tokens([caption], tokenizer)[0] for tokenizer in tokenizers]
+
+
 def _tokens(captions: list[str], tokenizer) -> torch.Tensor:
     return tokenizer(captions, padding="max_length", truncation=True, max_length=tokenizer.model_max_length,
                      return_tensors="pt").input_ids
 
 
-def size_ids(path: Path, resolution: int) -> list[float]:
+def size_ids(path: Path, resolution: int, size: tuple[int, int] | None = None) -> list[float]:
     """SDXL's six size ids for an image as tasks.dataset.load_training_image crops it (centre crop to
-    a square, resized): original (h, w), the crop's top-left in the resized image, target (h, w)."""
+    `size` (w, h), default a square of `resolution`, resized): original (h, w), the crop's top-left
+    in the resized image, target (h, w)."""
+    target_w, target_h = size or (resolution, resolution)
     with Image.open(path) as img:
         width, height = ImageOps.exif_transpose(img).size
-    scale = resolution / min(width, height)
-    top, left = round((height * scale - resolution) / 2), round((width * scale - resolution) / 2)
-    return [float(height), float(width), float(top), float(left), float(resolution), float(resolution)]
+    scale = max(target_w / width, target_h / height)
+    top, left = round((height * scale - target_h) / 2), round((width * scale - target_w) / 2)
+    return [float(height), float(width), float(top), float(left), float(target_h), float(target_w)]

@@ -1,8 +1,10 @@
 """LoRA training for one run: an explicit loop you can read top to bottom.
 
-VAE latents and text embeddings are computed once (both encoders are frozen), then each step
-adds noise at a random timestep, predicts it with the LoRA-adapted UNet and takes an AdamW
-step on the LoRA parameters only. A checkpoint is written at every requested step.
+VAE latents and text embeddings are computed once (both encoders are frozen; tasks.encodings,
+cached on disk by content hash unless `training.cache` says otherwise), then each step draws a
+batch (from one aspect-ratio bucket when buckets are on), adds noise at a random timestep,
+predicts it with the LoRA-adapted UNet and takes an AdamW step on the LoRA parameters only. A
+checkpoint is written at every requested step.
 Options (all off by default, see TrainingSpec): LoRA dropout and wider target presets, an LR
 schedule with warmup, gradient accumulation (a step = `gradient_accumulation_steps` micro-batches),
 Min-SNR loss weighting, offset noise, fp16/bf16 mixed precision, gradient checkpointing, 8-bit
@@ -35,10 +37,11 @@ from storage.parquet_io import write_rows
 from tasks.base_model import MODEL_BUILD_LOCK, load_pipeline, model_family
 from tasks.captions import load_captioner, training_caption
 from tasks.checkpoint_io import DIFFUSERS_FILE, checkpoint_complete, load_training_state, save_checkpoint
-from tasks.dataset import DatasetItem, training_images
+from tasks.dataset import DatasetItem, crop_sizes
 from tasks.dataset_sources import load_items
 from tasks.plan import CheckpointRef, TrainingRunSpec, checkpoint_id
-from tasks.text_conditioning import TextConditioning, encode_captions, size_ids, text_encoders
+from tasks.encodings import encode_training_set
+from tasks.text_conditioning import encode_captions, text_encoders
 from tasks.train_options import (check_family_support, check_training_support, diffusion_loss, log_memory_preset,
                                  loop_state, make_optimizer, restore_loop_state, sample_noise)
 from tasks.training_presets import TEXT_ENCODER_TARGETS
@@ -147,9 +150,12 @@ def fit_lora(pipe, run: TrainingRunSpec, items: list[DatasetItem], *, device: st
     for module in (unet, vae, *encoders):
         module.requires_grad_(False)
 
-    # The VAE is frozen, so each image is encoded once; so is each caption unless the text encoder trains.
+    # The VAE is frozen, so each image is encoded once (cache "off": every step); so is each caption
+    # unless the text encoder trains. With buckets each image keeps its own crop size.
     generator = torch.Generator(device="cpu").manual_seed(run.seed)
-    latents, cached = _encode_dataset(items, run.resolution, vae, encoders, tokenizers, generator, device)
+    sizes = crop_sizes(items, run.resolution, run.bucket_step if run.buckets else None)
+    encoded = encode_training_set(items, sizes, vae, encoders, tokenizers, generator, device, mode=run.cache,
+                                  cache_dir=run.cache_dir)
 
     # Mixed precision: frozen weights are held in the half dtype (half the memory); the LoRA weights
     # and their optimizer state stay fp32, and autocast runs the forward passes in the half dtype.
@@ -189,11 +195,10 @@ def fit_lora(pipe, run: TrainingRunSpec, items: list[DatasetItem], *, device: st
     unet.train()
     text_encoder.train(run.train_text_encoder)
 
-    # kohya-style repeats weight the sampling; all-1 keeps the plain uniform draw (and its RNG stream).
     repeats = torch.tensor([item.repeats for item in items], dtype=torch.float)
-    weighted = bool((repeats != 1).any())
     ds = run.dataset
     per_step_captions = ds.caption_dropout > 0 or ds.shuffle_tags
+    encode_text = per_step_captions or run.train_text_encoder or encoded.text_every_step
     micro, accumulation = run.batch_size, run.gradient_accumulation_steps
     batch = micro * accumulation
     autocast = torch.autocast("cuda" if device == "cuda" else "cpu", dtype=half, enabled=half is not None)
@@ -202,16 +207,13 @@ def fit_lora(pipe, run: TrainingRunSpec, items: list[DatasetItem], *, device: st
     for step in progress:
         # Everything random in a step is drawn first, for the whole accumulated batch, so batch 2 x
         # 2 accumulation steps sees exactly the examples, noise and timesteps of batch 4.
-        if weighted:
-            index = torch.multinomial(repeats, batch, replacement=True, generator=generator)
-        else:
-            index = torch.randint(0, len(items), (batch,), generator=generator)
+        index = draw_examples(repeats, sizes, batch, generator)
         captions = [items[i].caption for i in index.tolist()]
         if per_step_captions:  # dropout / tag shuffle change the text each step
             rng = np.random.default_rng([run.seed, step])  # seeded by step, so a resumed run sees the same text
             captions = [training_caption(c, rng, dropout=ds.caption_dropout, shuffle=ds.shuffle_tags,
                                          keep_tokens=ds.keep_tokens) for c in captions]
-        clean = latents[index]
+        clean = encoded.latents_for(index.tolist(), vae, generator, device)
         noise = sample_noise(clean.shape, generator, run.noise_offset)
         timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (batch,), generator=generator)
 
@@ -226,8 +228,8 @@ def fit_lora(pipe, run: TrainingRunSpec, items: list[DatasetItem], *, device: st
             else:
                 target = noise_part
             with autocast:
-                condition = cached.select(index[rows])
-                if per_step_captions or run.train_text_encoder:  # the text encoder runs every step
+                condition = encoded.text.select(index[rows])
+                if encode_text:  # the text encoder runs every step
                     condition = condition.with_text(*encode_captions(captions[rows], encoders, tokenizers, device,
                                                                      grad=run.train_text_encoder))
                 prediction = unet(noisy, t, **condition.unet_kwargs(device)).sample
@@ -254,19 +256,24 @@ def fit_lora(pipe, run: TrainingRunSpec, items: list[DatasetItem], *, device: st
     return sum(p.numel() for p in unet_params + text_params)
 
 
-def _encode_dataset(items: list[DatasetItem], resolution: int, vae, encoders: list, tokenizers: list,
-                    generator: torch.Generator, device: str) -> tuple[torch.Tensor, TextConditioning]:
-    """VAE latents (scaled) and the text conditioning (SDXL: with size ids) of every training example."""
-    pixels = torch.from_numpy(training_images(items, resolution))
-    with torch.no_grad():
-        latents = []
-        for chunk in pixels.split(8):
-            dist = vae.encode(chunk.to(device, vae.dtype)).latent_dist
-            latents.append(dist.sample(generator=generator).cpu() if device == "cpu" else dist.sample().cpu())
-        states, pooled = encode_captions([item.caption for item in items], encoders, tokenizers, device)
-    time_ids = torch.tensor([size_ids(item.path, resolution) for item in items]) if pooled is not None else None
-    cached = TextConditioning(states.cpu(), None if pooled is None else pooled.cpu(), time_ids)
-    return torch.cat(latents) * vae.config.scaling_factor, cached
+def draw_examples(repeats: torch.Tensor, sizes: list[tuple[int, int]], batch: int,
+                  generator: torch.Generator) -> torch.Tensor:
+    """One step's example indices, each drawn with weight `repeats` (kohya repeat folders).
+
+    With one crop size, `batch` independent draws (all-1 repeats: the plain uniform draw). With
+    aspect-ratio buckets the first example picks the bucket and the rest come from that bucket, so
+    a batch stacks; each example's chance stays proportional to its repeats.
+    """
+    if len(set(sizes)) == 1:
+        if bool((repeats != 1).any()):
+            return torch.multinomial(repeats, batch, replacement=True, generator=generator)
+        return torch.randint(0, len(sizes), (batch,), generator=generator)
+    first = torch.multinomial(repeats, 1, generator=generator)
+    same = torch.tensor([i for i, size in enumerate(sizes) if size == sizes[int(first)]])
+    if batch == 1:
+        return first
+    rest = same[torch.multinomial(repeats[same], batch - 1, replacement=True, generator=generator)]
+    return torch.cat([first, rest])
 
 
 def _checkpoint_row(run: TrainingRunSpec, layout: SweepLayout, step: int, losses: list[float],

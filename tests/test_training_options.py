@@ -207,13 +207,15 @@ def test_options_this_machine_cannot_run_fail_before_any_model_is_loaded(world, 
 
 def test_text_encoder_lora_trains_with_its_own_learning_rate_and_runs_every_step(world) -> None:
     calls: list[list[int]] = []
-    run = make_run(world, train_text_encoder=True, text_encoder_lr=3e-3, gradient_accumulation_steps=2)
+    captions = len(world[2])  # encoded one by one at the start (cache "memory": never read from disk)
+    run = make_run(world, train_text_encoder=True, text_encoder_lr=3e-3, gradient_accumulation_steps=2,
+                   cache="memory")
     pipe, _, _ = fit(world, run, lambda p: calls.append(count_calls(p.text_encoder)))
-    assert calls[0] == [1 + 4 * 2]  # the cached captions once, then every micro-batch
+    assert calls[0] == [captions + 4 * 2]  # the cached captions once, then every micro-batch
     te_lora = get_peft_model_state_dict(pipe.text_encoder, adapter_name="default")
     assert te_lora and all(v.abs().max() > 0 for k, v in te_lora.items() if "lora_B" in k)  # B moved from 0
-    frozen, _, _ = fit(world, make_run(world), lambda p: calls.append(count_calls(p.text_encoder)))
-    assert calls[1] == [1]
+    frozen, _, _ = fit(world, make_run(world, cache="memory"), lambda p: calls.append(count_calls(p.text_encoder)))
+    assert calls[1] == [captions]
 
 
 def test_checkpoint_records_every_option_in_kohya_metadata_and_checkpoint_json(world, caplog) -> None:
