@@ -37,6 +37,7 @@ from tasks.captions import load_captioner, training_caption
 from tasks.checkpoint_io import DIFFUSERS_FILE, checkpoint_complete, load_training_state, save_checkpoint
 from tasks.dataset import DatasetItem, training_images
 from tasks.dataset_sources import load_items
+from tasks.kohya_metadata import TrainingFacts
 from tasks.plan import CheckpointRef, TrainingRunSpec, checkpoint_id
 from tasks.text_conditioning import TextConditioning, encode_captions, size_ids, text_encoders
 from tasks.train_options import (check_family_support, check_training_support, diffusion_loss, log_memory_preset,
@@ -66,7 +67,7 @@ def train_lora(run: TrainingRunSpec) -> TrainingResult:
         return TrainingResult(run.run_id, "completed", _checkpoint_refs(run, layout))
     started = datetime.now(timezone.utc)
     try:
-        stats = _train(run, layout)
+        stats = _train(run, layout, started)
     except Exception as err:
         _write_run_row(run, layout, started, status="failed", error=f"{type(err).__name__}: {err}", stats={})
         raise
@@ -74,7 +75,7 @@ def train_lora(run: TrainingRunSpec) -> TrainingResult:
     return TrainingResult(run.run_id, "completed", _checkpoint_refs(run, layout))
 
 
-def _train(run: TrainingRunSpec, layout: SweepLayout) -> dict[str, float]:
+def _train(run: TrainingRunSpec, layout: SweepLayout, started: datetime) -> dict[str, float]:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     check_training_support(run, device)
     family = model_family(run.base_model_path, run.base_model.config)
@@ -83,6 +84,7 @@ def _train(run: TrainingRunSpec, layout: SweepLayout) -> dict[str, float]:
     captioner = load_captioner(run.dataset.captioner, device=device) if run.dataset.captioner else None
     items = load_items(run.dataset, Path(run.dataset_path), min_size=8, captioner=captioner)
     items, held_out = split_validation(items, run.validation_images, run.seed)
+    facts = TrainingFacts(tuple(items), started)  # what the kohya metadata records
     pipe = load_pipeline(run.base_model_path, config=run.base_model.config, device=device)
     validation = prepare_validation(pipe, held_out, run.resolution, run.seed, device) if held_out else None
     resume = _latest_training_state(run, layout)
@@ -108,7 +110,7 @@ def _train(run: TrainingRunSpec, layout: SweepLayout) -> dict[str, float]:
         if text_encoder is not None:
             state["text_encoder_lora"] = get_peft_model_state_dict(text_encoder, adapter_name=ADAPTER)
         save_checkpoint(run, pipe.unet, ADAPTER, step, row["checkpoint_id"], layout.checkpoint_dir(run.run_id, step),
-                        training_state=state, text_encoder=text_encoder, family=family)
+                        training_state=state, facts=facts, text_encoder=text_encoder, family=family)
         checkpoint_rows.append(row)
 
     params = fit_lora(pipe, run, items, device=device, losses=losses, on_checkpoint=on_checkpoint, resume=resume,
