@@ -42,7 +42,7 @@ from tasks.plan import CheckpointRef, TrainingRunSpec, checkpoint_id
 from tasks.text_conditioning import TextConditioning, encode_captions, size_ids, text_encoders
 from tasks.train_options import (check_family_support, check_training_support, diffusion_loss, log_memory_preset,
                                  loop_state, make_optimizer, restore_loop_state, sample_noise)
-from tasks.training_presets import TEXT_ENCODER_TARGETS
+from tasks.training_presets import TEXT_ENCODER_TARGETS, target_preset_of
 from tasks.validation import prepare_validation, split_validation, validation_loss
 
 log = logging.getLogger(__name__)
@@ -330,6 +330,15 @@ def _write_run_row(run: TrainingRunSpec, layout: SweepLayout, started: datetime,
         "steps_per_s": stats.get("steps_per_s"), "peak_memory_mb": stats.get("peak_memory_mb"),
         "wall_time_s": stats.get("wall_time_s", (finished - started).total_seconds()),
         "started_at": started, "finished_at": finished, "run_dir": str(layout.run_dir(run.run_id)),
+        "target_preset": target_preset_of(run.target_modules), "target_modules": list(run.target_modules),
+        "lora_dropout": run.lora_dropout, "lr_scheduler": run.lr_scheduler, "lr_warmup_steps": run.lr_warmup_steps,
+        "lr_cycles": run.lr_cycles, "gradient_accumulation_steps": run.gradient_accumulation_steps,
+        "effective_batch_size": run.effective_batch_size, "min_snr_gamma": run.min_snr_gamma,
+        "noise_offset": run.noise_offset, "mixed_precision": run.mixed_precision,
+        "gradient_checkpointing": run.gradient_checkpointing, "optimizer": run.optimizer,
+        "train_text_encoder": run.train_text_encoder, "text_encoder_lr": run.text_encoder_lr,
+        "validation_images": run.validation_images,
+        "memory_preset_gib": run.memory_preset.gib if run.memory_preset else None,
     }
     write_rows("runs", [row], layout.table_file("runs", run.run_id))
 

@@ -1,5 +1,5 @@
 """The kohya metadata of a saved LoRA, checked against independent recomputations: A1111's hashes of
-the LoRA and the base model, and the dataset counts kohya writes."""
+the LoRA and the base model, the dataset counts kohya writes, and the runs row's training options."""
 
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ from tasks.kohya_metadata import lora_short_hash, with_hashes
 from tasks.plan import TrainingRunSpec, training_runs
 from tasks.spec import parse_spec
 from tasks.train import train_lora
+from tasks.training_presets import TARGET_PRESETS
 from tests.conftest import small_sweep_data
 
 # kohya repeat folders: (folder, image, caption); 3 x 2 + 1 x 1 = 7 samples per epoch.
@@ -154,3 +155,17 @@ def test_every_value_is_a_string_and_the_run_facts_are_recorded(trained) -> None
             "ss_v2": "False", "ss_clip_skip": "None", "ss_max_token_length": "None",
             "ss_caption_dropout_rate": "0.0", "ss_shuffle_caption": "False", "ss_keep_tokens": "0"}
 
+
+def test_runs_row_records_the_training_options(tmp_path: Path, kohya_dataset: Path) -> None:
+    options = dict(lora_dropout=0.1, target_preset="attention+ff", lr_scheduler="cosine", lr_warmup_steps=1,
+                   gradient_accumulation_steps=2, min_snr_gamma=5.0, noise_offset=0.05, mixed_precision="bf16",
+                   gradient_checkpointing=True, train_text_encoder=True, text_encoder_lr=5e-4, validation_images=1,
+                   memory_preset_gib=12, batch_size=1, resolution=64)
+    run = make_run(tmp_path, kohya_dataset, **options)
+    train_lora(run)
+    row = pq.read_table(SweepLayout(Path(run.sweep_root)).table_file("runs", run.run_id)).to_pylist()[0]
+    assert row["status"] == "completed"
+    expected = {k: v for k, v in options.items() if k not in ("batch_size", "resolution")}
+    expected |= {"optimizer": "adamw", "lr_cycles": 1, "effective_batch_size": 2, "memory_preset_gib": 12.0,
+                 "target_modules": list(TARGET_PRESETS["attention+ff"]), "num_images": 2}
+    assert {k: row[k] for k in expected} == expected
