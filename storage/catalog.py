@@ -86,6 +86,8 @@ def _duckdb_type(t: pa.DataType) -> str:
         return "BOOLEAN"
     if pa.types.is_timestamp(t):
         return "TIMESTAMPTZ"
+    if pa.types.is_list(t):
+        return f"{_duckdb_type(t.value_type)}[]"
     raise TypeError(f"no DuckDB type for {t}")
 
 

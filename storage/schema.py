@@ -33,6 +33,24 @@ RUNS = pa.schema(
         ("started_at", pa.timestamp("us", tz="UTC")),
         ("finished_at", pa.timestamp("us", tz="UTC")),
         ("run_dir", pa.string()),
+        # Training options (tasks.spec.TrainingSpec); NULL in files written before these columns existed.
+        ("target_preset", pa.string()),  # "attention" | "attention+ff" | "locon"; NULL: an explicit module list
+        ("target_modules", pa.list_(pa.string())),  # the UNet module names that got LoRA
+        ("lora_dropout", pa.float64()),
+        ("lr_scheduler", pa.string()),
+        ("lr_warmup_steps", pa.int32()),
+        ("lr_cycles", pa.int32()),
+        ("gradient_accumulation_steps", pa.int32()),
+        ("effective_batch_size", pa.int32()),  # batch_size x gradient_accumulation_steps
+        ("min_snr_gamma", pa.float64()),  # NULL: plain MSE loss
+        ("noise_offset", pa.float64()),
+        ("mixed_precision", pa.string()),  # "no" | "fp16" | "bf16"
+        ("gradient_checkpointing", pa.bool_()),
+        ("optimizer", pa.string()),  # "adamw" | "adamw8bit"
+        ("train_text_encoder", pa.bool_()),
+        ("text_encoder_lr", pa.float64()),  # NULL unless train_text_encoder
+        ("validation_images", pa.int32()),  # dataset images held out of training
+        ("memory_preset_gib", pa.float64()),  # NULL: no memory preset
     ]
 )
 

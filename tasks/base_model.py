@@ -48,6 +48,7 @@ SDXL_CHECKPOINT_PREFIXES = {  # the same for an original SDXL single file (sgm l
 FOLDER_LAYOUT = "a diffusers folder needs model_index.json, unet/, vae/, text_encoder/ and tokenizer/"
 SDXL_LAYOUT = "an SDXL diffusers folder also needs text_encoder_2/ and tokenizer_2/"
 HASH_CHUNK = 1 << 20
+LEGACY_HASH_OFFSET, LEGACY_HASH_LENGTH = 0x100000, 0x10000  # A1111's old model hash window
 # Model loading (diffusers, transformers, accelerate) briefly builds modules on the meta device
 # through process-wide patches; two threads doing it at once corrupt each other's modules.
 # Hold this lock while loading a pipeline or adding/loading a LoRA adapter.
@@ -207,12 +208,39 @@ def _load(pipeline_class, path: str, config: str | None, torch_dtype: torch.dtyp
 
 def model_hash(path: str) -> str:
     """A1111-style short hash: first 10 hex digits of sha256 of the file (a folder: its unet weights)."""
+    return model_sha256(path)[:10]
+
+
+def model_sha256(path: str) -> str:
+    """The full sha256 model_hash cuts: of the file, or of a folder's unet/*.safetensors read one after another."""
+    stamps = tuple((str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in hashed_files(path))
+    return hash_files(stamps)
+
+
+def legacy_model_hash(path: str) -> str:
+    """A1111's old 8-hex model hash (kohya's ss_sd_model_hash): sha256 of the 0x10000 bytes at offset
+    0x100000 of the bytes model_sha256 reads; empty when they are shorter than that, as A1111's is."""
+    start, remaining, offset = LEGACY_HASH_OFFSET, LEGACY_HASH_LENGTH, 0
+    digest = hashlib.sha256()
+    for file in hashed_files(path):
+        size = file.stat().st_size
+        if remaining and offset + size > start:
+            with open(file, "rb") as handle:
+                handle.seek(start - offset)
+                chunk = handle.read(remaining)
+            digest.update(chunk)
+            start, remaining = start + len(chunk), remaining - len(chunk)
+        offset += size
+    return digest.hexdigest()[:8]
+
+
+def hashed_files(path: str) -> list[Path]:
+    """What the model hashes cover: a single file itself, a diffusers folder its unet weights in name order."""
     base = Path(path)
     files = [base] if base.is_file() else sorted((base / "unet").glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"base model {path}: nothing to hash (no file, no unet/*.safetensors)")
-    stamps = tuple((str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
-    return hash_files(stamps)[:10]
+    return files
 
 
 @lru_cache(maxsize=256)

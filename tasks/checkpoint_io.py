@@ -4,6 +4,7 @@ Each checkpoint folder holds exactly:
   pytorch_lora_weights.safetensors   diffusers/peft format (load_lora_weights); UNet and, when
                                      trained, text-encoder LoRA
   <checkpoint_id>.safetensors        kohya format for AUTOMATIC1111 / ComfyUI, with ss_* metadata
+                                     and sshs_* hashes (tasks.kohya_metadata)
   checkpoint.json                    the resolved run spec (every training option, the memory
                                      preset's choice), step, attention processor and provenance
   training_state.pt                  optimizer, RNG and LoRA state to resume from (tensors only,
@@ -18,7 +19,6 @@ import json
 import os
 import shutil
 import tempfile
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -27,16 +27,13 @@ from diffusers.utils import convert_state_dict_to_kohya
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import save_file
 
+from tasks.kohya_metadata import TrainingFacts, kohya_metadata, with_hashes
 from tasks.plan import TrainingRunSpec
 from tasks.provenance import provenance
-from tasks.training_presets import RESNET_CONV
 
 DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"
 MANIFEST_FILE = "checkpoint.json"
 STATE_FILE = "training_state.pt"
-# Per base-model family: kohya's ss_base_model_version and the modelspec architecture A1111/ComfyUI read.
-BASE_MODEL_VERSIONS = {"sd15": "sd_v1", "sdxl": "sdxl_base_v1-0"}
-ARCHITECTURES = {"sd15": "stable-diffusion-v1/lora", "sdxl": "stable-diffusion-xl-v1-base/lora"}
 
 
 def checkpoint_files(checkpoint_id: str) -> set[str]:
@@ -54,9 +51,10 @@ def load_training_state(folder: Path) -> dict:
 
 
 def save_checkpoint(run: TrainingRunSpec, unet, adapter: str, step: int, checkpoint_id: str, folder: Path,
-                    *, training_state: dict, text_encoder=None, family: str = "sd15") -> Path:
+                    *, training_state: dict, facts: TrainingFacts, text_encoder=None, family: str = "sd15") -> Path:
     """Save the adapter at `step` into `folder` (replacing any earlier partial attempt).
 
+    `facts`: the training items and start time the kohya metadata records.
     `text_encoder`: the pipeline's text encoder when its LoRA trained too; saved beside the UNet's.
     `family`: the base model's ("sd15" or "sdxl"), which picks the diffusers loader and kohya metadata.
     """
@@ -74,7 +72,8 @@ def save_checkpoint(run: TrainingRunSpec, unet, adapter: str, step: int, checkpo
             text_encoder_lora_adapter_metadata=text_encoder.peft_config[adapter].to_dict() if text_state else None,
         )
         kohya = kohya_state_dict(unet_state, run.alpha, text_state)
-        save_file(kohya, str(tmp / f"{checkpoint_id}.safetensors"), metadata=kohya_metadata(run, step, family))
+        metadata = with_hashes(kohya, kohya_metadata(run, step, family, facts))
+        save_file(kohya, str(tmp / f"{checkpoint_id}.safetensors"), metadata=metadata)
         manifest = {"checkpoint_id": checkpoint_id, "step": step, "run": run.model_dump(mode="json"),
                     "effective_batch_size": run.effective_batch_size,
                     "attention_processors": sorted({type(p).__name__ for p in unet.attn_processors.values()}),
@@ -113,44 +112,3 @@ def kohya_state_dict(peft_state: dict[str, torch.Tensor], alpha: float,
     return {k.replace("lora_te1_", "lora_te_", 1): (torch.tensor(float(alpha)) if k.endswith(".alpha") else v)
             for k, v in converted.items()}
 
-
-OPTIMIZER_NAMES = {"adamw": "torch.optim.AdamW(weight_decay=0.01)",
-                   "adamw8bit": "bitsandbytes.optim.AdamW8bit(weight_decay=0.01)"}
-
-
-def kohya_metadata(run: TrainingRunSpec, step: int, family: str = "sd15") -> dict[str, str]:
-    """The `ss_*` fields A1111 and civitai read from a kohya LoRA (all values are strings)."""
-    conv = any(name in RESNET_CONV for name in run.target_modules)
-    return {
-        "ss_network_module": "networks.lora",
-        "ss_network_dim": str(run.rank),
-        "ss_network_alpha": str(run.alpha),
-        "ss_network_dropout": str(run.lora_dropout),
-        "ss_network_args": json.dumps({"conv_dim": str(run.rank), "conv_alpha": str(run.alpha)} if conv else {}),
-        "ss_network_train_unet_only": str(not run.train_text_encoder),
-        "ss_base_model_version": BASE_MODEL_VERSIONS[family],
-        "ss_sd_model_name": run.base_model.name,
-        "ss_resolution": f"({run.resolution}, {run.resolution})",
-        "ss_steps": str(step),
-        "ss_max_train_steps": str(run.max_steps),
-        "ss_learning_rate": str(run.learning_rate),
-        "ss_unet_lr": str(run.learning_rate),
-        "ss_text_encoder_lr": str(run.text_encoder_lr) if run.train_text_encoder else "0",
-        "ss_lr_scheduler": run.lr_scheduler,
-        "ss_lr_warmup_steps": str(run.lr_warmup_steps),
-        "ss_gradient_accumulation_steps": str(run.gradient_accumulation_steps),
-        "ss_min_snr_gamma": str(run.min_snr_gamma),
-        "ss_noise_offset": str(run.noise_offset),
-        "ss_mixed_precision": run.mixed_precision,
-        "ss_gradient_checkpointing": str(run.gradient_checkpointing),
-        "ss_optimizer": OPTIMIZER_NAMES[run.optimizer],
-        "ss_seed": str(run.seed),
-        "ss_batch_size_per_device": str(run.batch_size),
-        "ss_total_batch_size": str(run.effective_batch_size),
-        "ss_output_name": run.run_id,
-        "ss_training_finished_at": str(datetime.now(timezone.utc).timestamp()),
-        "ss_tag_frequency": json.dumps({run.dataset.trigger_word: {run.dataset.trigger_word: 1}}),
-        "modelspec.title": run.run_id,
-        "modelspec.architecture": ARCHITECTURES[family],
-        "lora_sweep.run_id": run.run_id,
-    }

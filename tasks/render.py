@@ -29,6 +29,7 @@ from storage.parquet_io import write_rows
 from tasks.base_model import MODEL_BUILD_LOCK, load_pipeline, model_hash
 from tasks.checkpoint_io import DIFFUSERS_FILE
 from tasks.grid_image import job_title, write_grid_images
+from tasks.kohya_metadata import lora_short_hash
 from tasks.png_metadata import ImageParameters, png_info, read_png_parameters
 from tasks.plan import RenderJobSpec
 from tasks.provenance import lora_sweep_version
@@ -154,23 +155,25 @@ def _load_loras(pipe, job: RenderJobSpec) -> list[str]:
 
 @dataclass(frozen=True)
 class _MetadataContext:
-    """Hashes and names written into every PNG's A1111 `parameters` chunk."""
+    """Hashes and names written into every PNG's A1111 `parameters` chunk; LoRA hashes as A1111 shows them."""
 
     model_hash: str
     lora_name: str | None
     lora_hash: str | None
+    extra_hashes: tuple[str, ...] = ()
 
     @classmethod
     def build(cls, job: RenderJobSpec) -> _MetadataContext:
+        extras = tuple(lora_short_hash(x.path) for x in job.extra_loras)
         if not job.checkpoint:
-            return cls(model_hash(job.base_model_path), None, None)
+            return cls(model_hash(job.base_model_path), None, None, extras)
+        # The kohya file, the one A1111 loads: what A1111 shows for it (its sshs_model_hash).
         kohya = Path(job.checkpoint.lora_dir) / f"{job.checkpoint.checkpoint_id}.safetensors"
-        return cls(model_hash(job.base_model_path), job.checkpoint.checkpoint_id, model_hash(str(kohya)))
+        return cls(model_hash(job.base_model_path), job.checkpoint.checkpoint_id, lora_short_hash(kohya), extras)
 
     def parameters(self, job: RenderJobSpec, cell: Cell) -> ImageParameters:
         ours = ((self.lora_name, cell.lora_weight, self.lora_hash),) if self.lora_name else ()
-        # The file's sha256 cut to model_hash's 10 digits, as ours is written.
-        loras = (*ours, *((x.name, x.weight, x.sha256[:10]) for x in job.extra_loras))
+        loras = (*ours, *((x.name, x.weight, h) for x, h in zip(job.extra_loras, self.extra_hashes, strict=True)))
         sampler = resolve_sampler(cell.sampler)
         return ImageParameters(
             prompt=cell.prompt, negative_prompt=job.negative_prompt, steps=cell.steps,

@@ -39,12 +39,13 @@ from tasks.captions import load_captioner, training_caption
 from tasks.checkpoint_io import DIFFUSERS_FILE, checkpoint_complete, load_training_state, save_checkpoint
 from tasks.dataset import DatasetItem, crop_sizes
 from tasks.dataset_sources import load_items
+from tasks.kohya_metadata import TrainingFacts
 from tasks.plan import CheckpointRef, TrainingRunSpec, checkpoint_id
 from tasks.encodings import encode_training_set
 from tasks.text_conditioning import encode_captions, text_encoders
 from tasks.train_options import (check_family_support, check_training_support, diffusion_loss, log_memory_preset,
                                  loop_state, make_optimizer, restore_loop_state, sample_noise)
-from tasks.training_presets import TEXT_ENCODER_TARGETS
+from tasks.training_presets import TEXT_ENCODER_TARGETS, target_preset_of
 from tasks.validation import prepare_validation, split_validation, validation_loss
 
 log = logging.getLogger(__name__)
@@ -69,7 +70,7 @@ def train_lora(run: TrainingRunSpec) -> TrainingResult:
         return TrainingResult(run.run_id, "completed", _checkpoint_refs(run, layout))
     started = datetime.now(timezone.utc)
     try:
-        stats = _train(run, layout)
+        stats = _train(run, layout, started)
     except Exception as err:
         _write_run_row(run, layout, started, status="failed", error=f"{type(err).__name__}: {err}", stats={})
         raise
@@ -77,7 +78,7 @@ def train_lora(run: TrainingRunSpec) -> TrainingResult:
     return TrainingResult(run.run_id, "completed", _checkpoint_refs(run, layout))
 
 
-def _train(run: TrainingRunSpec, layout: SweepLayout) -> dict[str, float]:
+def _train(run: TrainingRunSpec, layout: SweepLayout, started: datetime) -> dict[str, float]:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     check_training_support(run, device)
     family = model_family(run.base_model_path, run.base_model.config)
@@ -86,6 +87,7 @@ def _train(run: TrainingRunSpec, layout: SweepLayout) -> dict[str, float]:
     captioner = load_captioner(run.dataset.captioner, device=device) if run.dataset.captioner else None
     items = load_items(run.dataset, Path(run.dataset_path), min_size=8, captioner=captioner)
     items, held_out = split_validation(items, run.validation_images, run.seed)
+    facts = TrainingFacts(tuple(items), started)  # what the kohya metadata records
     pipe = load_pipeline(run.base_model_path, config=run.base_model.config, device=device)
     validation = prepare_validation(pipe, held_out, run.resolution, run.seed, device) if held_out else None
     resume = _latest_training_state(run, layout)
@@ -111,7 +113,7 @@ def _train(run: TrainingRunSpec, layout: SweepLayout) -> dict[str, float]:
         if text_encoder is not None:
             state["text_encoder_lora"] = get_peft_model_state_dict(text_encoder, adapter_name=ADAPTER)
         save_checkpoint(run, pipe.unet, ADAPTER, step, row["checkpoint_id"], layout.checkpoint_dir(run.run_id, step),
-                        training_state=state, text_encoder=text_encoder, family=family)
+                        training_state=state, facts=facts, text_encoder=text_encoder, family=family)
         checkpoint_rows.append(row)
 
     params = fit_lora(pipe, run, items, device=device, losses=losses, on_checkpoint=on_checkpoint, resume=resume,
@@ -335,6 +337,15 @@ def _write_run_row(run: TrainingRunSpec, layout: SweepLayout, started: datetime,
         "steps_per_s": stats.get("steps_per_s"), "peak_memory_mb": stats.get("peak_memory_mb"),
         "wall_time_s": stats.get("wall_time_s", (finished - started).total_seconds()),
         "started_at": started, "finished_at": finished, "run_dir": str(layout.run_dir(run.run_id)),
+        "target_preset": target_preset_of(run.target_modules), "target_modules": list(run.target_modules),
+        "lora_dropout": run.lora_dropout, "lr_scheduler": run.lr_scheduler, "lr_warmup_steps": run.lr_warmup_steps,
+        "lr_cycles": run.lr_cycles, "gradient_accumulation_steps": run.gradient_accumulation_steps,
+        "effective_batch_size": run.effective_batch_size, "min_snr_gamma": run.min_snr_gamma,
+        "noise_offset": run.noise_offset, "mixed_precision": run.mixed_precision,
+        "gradient_checkpointing": run.gradient_checkpointing, "optimizer": run.optimizer,
+        "train_text_encoder": run.train_text_encoder, "text_encoder_lr": run.text_encoder_lr,
+        "validation_images": run.validation_images,
+        "memory_preset_gib": run.memory_preset.gib if run.memory_preset else None,
     }
     write_rows("runs", [row], layout.table_file("runs", run.run_id))
 

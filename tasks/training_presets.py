@@ -21,6 +21,11 @@ TARGET_PRESETS: dict[str, tuple[str, ...]] = {
 }
 TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 
+
+def target_preset_of(target_modules: tuple[str, ...]) -> str | None:
+    """The preset whose modules these are (in any order), or None for a list of one's own."""
+    return next((name for name, modules in TARGET_PRESETS.items() if set(modules) == set(target_modules)), None)
+
 Family = Literal["sd15", "sdxl"]
 # Per family, tiers from the smallest GPU up:
 # (at least GiB, resolution, batch size, gradient checkpointing, mixed precision, rank).

@@ -193,3 +193,37 @@ def test_images_written_before_the_extra_loras_column_read_it_as_null(tmp_path: 
     build_catalog(layout, Manifest("sweep", run_ids=(), render_ids=("old", "new")))
     with connect(layout) as con:
         assert con.execute("SELECT count(*) FROM images").fetchone() == (2 * ROWS_PER_FILE,)
+
+
+def test_runs_written_before_the_training_option_columns_still_read(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from storage.schema import RUNS
+
+    layout = SweepLayout(tmp_path / "sweep")
+    old_columns = RUNS.names[:RUNS.get_field_index("run_dir") + 1]  # the runs schema before the options
+    old = {"sweep_id": "sweep", "run_id": "old", "base_model": "tiny", "base_model_path": "/m", "rank": 4,
+           "alpha": 4.0, "learning_rate": 1e-4, "max_steps": 10, "batch_size": 1, "resolution": 64, "seed": 0,
+           "status": "completed", "error": None, "num_images": 3, "trainable_params": 100, "steps_per_s": 1.0,
+           "peak_memory_mb": 1.0, "wall_time_s": 1.0, "started_at": None, "finished_at": None, "run_dir": "/r"}
+    assert list(old) == old_columns
+    layout.table_dir("runs").mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist([old], schema=pa.schema([RUNS.field(n) for n in old_columns])),
+                   layout.table_file("runs", "old"))
+    new = {**old, "run_id": "new", "target_preset": None, "target_modules": ["to_q", "conv1"], "lora_dropout": 0.1,
+           "lr_scheduler": "cosine", "lr_warmup_steps": 2, "lr_cycles": 1, "gradient_accumulation_steps": 2,
+           "effective_batch_size": 2, "min_snr_gamma": 5.0, "noise_offset": 0.05, "mixed_precision": "bf16",
+           "gradient_checkpointing": True, "optimizer": "adamw", "train_text_encoder": False,
+           "text_encoder_lr": None, "validation_images": 1, "memory_preset_gib": 12.0}
+    write_rows("runs", [new], layout.table_file("runs", "new"))
+    build_catalog(layout, Manifest("sweep", run_ids=("old",), render_ids=()))
+    with connect(layout) as con:  # only the old file: every option column exists, NULL
+        assert con.execute("SELECT run_id, lr_scheduler, target_modules, gradient_checkpointing FROM runs"
+                           ).fetchall() == [("old", None, None, None)]
+        assert con.execute("SELECT count(*) FROM run_summary").fetchone() == (1,)
+    build_catalog(layout, Manifest("sweep", run_ids=("old", "new"), render_ids=()))
+    with connect(layout) as con:
+        assert con.execute("SELECT run_id, lr_scheduler, effective_batch_size, list_contains(target_modules, 'conv1') "
+                           "FROM runs ORDER BY run_id").fetchall() == [("new", "cosine", 2, True),
+                                                                      ("old", None, None, None)]

@@ -4,6 +4,7 @@ and weights, and bad extra-LoRA inputs are refused before any work."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -18,7 +19,7 @@ from peft.utils import get_peft_model_state_dict
 from PIL import Image
 from safetensors.torch import save_file
 
-from tasks.base_model import load_pipeline, model_hash
+from tasks.base_model import load_pipeline
 from tasks.checkpoint_io import DIFFUSERS_FILE, kohya_state_dict, text_encoder_lora_state
 from tasks.inputs import InputError, prepare_inputs
 from tasks.plan import CheckpointRef, checkpoint_id, render_jobs, training_runs
@@ -129,10 +130,17 @@ def test_weight_zero_of_ours_with_extras_equals_the_baseline_with_extras(renders
     assert np.abs(only_image(renders["job"]) - only_image(renders["baseline"])).max() > 10  # ours does act
 
 
+def a1111_lora_hash(file: Path) -> str:
+    """What A1111 shows in "Lora hashes" for a .safetensors LoRA: sha256 after the header, 12 hex digits
+    (kohya's sshs_model_hash, where the file has one, is that same hash)."""
+    data = file.read_bytes()
+    return hashlib.sha256(data[8 + int.from_bytes(data[:8], "little"):]).hexdigest()[:12]
+
+
 def test_png_metadata_names_every_lora_and_round_trips(renders, world) -> None:
     root, *_, ckpt = world
-    hashes = {n: model_hash(str(root / "loras" / f"{n}.safetensors")) for n in ("style", "grain")}
-    ours = model_hash(str(Path(ckpt.lora_dir) / f"{ckpt.checkpoint_id}.safetensors"))
+    hashes = {n: a1111_lora_hash(root / "loras" / f"{n}.safetensors") for n in ("style", "grain")}
+    ours = a1111_lora_hash(Path(ckpt.lora_dir) / f"{ckpt.checkpoint_id}.safetensors")
     job, rows, _ = renders["job"]
     text, _ = read_png_parameters(rows[0]["path"])
     assert f"<lora:{ckpt.checkpoint_id}:1> <lora:style:0.7> <lora:grain:0.5>\n" in text

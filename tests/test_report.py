@@ -49,6 +49,11 @@ def run_row(run_id: str, rank: int, status: str, error: str | None, layout: Swee
         "resolution": 32, "seed": 0, "status": status, "error": error, "num_images": 4,
         "trainable_params": 1000 * rank, "steps_per_s": 35.0, "peak_memory_mb": 512.0,
         "wall_time_s": 3.0, "started_at": None, "finished_at": None, "run_dir": str(layout.run_dir(run_id)),
+        "target_preset": "attention", "target_modules": ["to_q", "to_k", "to_v", "to_out.0"], "lora_dropout": 0.0,
+        "lr_scheduler": "constant", "lr_warmup_steps": 0, "lr_cycles": 1, "gradient_accumulation_steps": 1,
+        "effective_batch_size": 1, "min_snr_gamma": None, "noise_offset": 0.0, "mixed_precision": "no",
+        "gradient_checkpointing": False, "optimizer": "adamw", "train_text_encoder": False, "text_encoder_lr": None,
+        "validation_images": 0, "memory_preset_gib": None,
     }
 
 
