@@ -51,6 +51,9 @@ RUNS = pa.schema(
         ("text_encoder_lr", pa.float64()),  # NULL unless train_text_encoder
         ("validation_images", pa.int32()),  # dataset images held out of training
         ("memory_preset_gib", pa.float64()),  # NULL: no memory preset
+        ("buckets", pa.bool_()),  # aspect-ratio buckets on
+        ("bucket_step", pa.int32()),  # NULL unless buckets
+        ("encoding_cache", pa.string()),  # "disk" | "memory" | "off": where VAE latents and text outputs were kept
     ]
 )
 

@@ -24,7 +24,7 @@ import safetensors.torch
 import torch
 
 from tasks.base_model import legacy_model_hash, model_sha256
-from tasks.dataset import DatasetItem
+from tasks.dataset import DatasetItem, crop_sizes, image_size
 from tasks.plan import TrainingRunSpec
 from tasks.spec import DatasetSpec
 from tasks.training_presets import RESNET_CONV
@@ -200,4 +200,19 @@ def _dataset_fields(run: TrainingRunSpec, step: int, facts: TrainingFacts) -> di
         "ss_caption_dropout_rate": str(ds.caption_dropout),
         "ss_shuffle_caption": str(ds.shuffle_tags),
         "ss_keep_tokens": str(ds.keep_tokens),
+        "ss_enable_bucket": str(run.buckets),
+        "ss_bucket_no_upscale": "False",
+        "ss_bucket_info": json.dumps(bucket_info(run, facts.items)) if run.buckets else "null",
+        "ss_cache_latents": str(run.cache != "off"),
     }
+
+
+def bucket_info(run: TrainingRunSpec, items: tuple[DatasetItem, ...]) -> dict[str, object]:
+    """kohya's `ss_bucket_info`: each bucket's resolution (w, h) and image count, and the mean
+    difference between an image's aspect ratio and its bucket's."""
+    sizes = [item.size if min(item.size) > 0 else image_size(item.path) for item in items]
+    buckets = crop_sizes(list(items), run.resolution, run.bucket_step)
+    counts = Counter(buckets)
+    error = sum(abs(w / h - bw / bh) for (w, h), (bw, bh) in zip(sizes, buckets, strict=True)) / len(items)
+    return {"buckets": {str(i): {"resolution": list(size), "count": n} for i, (size, n) in enumerate(sorted(counts.items()))},
+            "mean_img_ar_error": error}

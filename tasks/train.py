@@ -346,6 +346,7 @@ def _write_run_row(run: TrainingRunSpec, layout: SweepLayout, started: datetime,
         "train_text_encoder": run.train_text_encoder, "text_encoder_lr": run.text_encoder_lr,
         "validation_images": run.validation_images,
         "memory_preset_gib": run.memory_preset.gib if run.memory_preset else None,
+        "buckets": run.buckets, "bucket_step": run.bucket_step if run.buckets else None, "encoding_cache": run.cache,
     }
     write_rows("runs", [row], layout.table_file("runs", run.run_id))
 

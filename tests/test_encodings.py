@@ -218,3 +218,26 @@ def test_sdxl_size_ids_describe_the_bucket_crop(mixed_folder, tmp_path):
     # Covered at scale max(80/160, 48/80) = 0.6: 96 x 48, cropped 8 px from the left.
     assert size_ids(wide, 64, (80, 48)) == [80.0, 160.0, 0.0, 8.0, 48.0, 80.0]
     assert size_ids(wide, 64) == [80.0, 160.0, 0.0, 32.0, 64.0, 64.0]  # the square crop, as before
+
+
+def test_a_bucketed_run_records_its_buckets_in_kohya_metadata_and_the_runs_table(world, mixed_folder):
+    import json
+
+    import pyarrow.parquet as pq
+    from safetensors import safe_open
+
+    from storage.layout import SweepLayout
+    from tasks.train import train_lora
+
+    dataset = {"path": str(mixed_folder), "trigger_word": "zqx"}
+    run = make_run(world, dataset, buckets=True, bucket_step=16, max_steps=2, checkpoint_steps=[2])
+    ckpt = train_lora(run).checkpoints[-1]
+    with safe_open(str(Path(ckpt.lora_dir) / f"{ckpt.checkpoint_id}.safetensors"), "pt") as f:
+        meta = f.metadata()
+    assert meta["ss_enable_bucket"] == "True" and meta["ss_cache_latents"] == "True"
+    info = json.loads(meta["ss_bucket_info"])
+    counts = {tuple(b["resolution"]): b["count"] for b in info["buckets"].values()}
+    assert counts == {(80, 48): 2, (48, 80): 2, (64, 64): 2}
+    assert info["mean_img_ar_error"] == pytest.approx((2 * (2 - 80 / 48) + 2 * (0.5 - 48 / 80) * -1) / 6)
+    row = pq.read_table(SweepLayout(Path(run.sweep_root)).table_file("runs", run.run_id)).to_pylist()[0]
+    assert (row["buckets"], row["bucket_step"], row["encoding_cache"]) == (True, 16, "disk")
