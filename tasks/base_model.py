@@ -11,17 +11,15 @@ Pickled weights (.ckpt/.pt/.bin) are refused: they can run code.
 from __future__ import annotations
 
 import hashlib
-import json
 import threading
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
 
 import torch
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-ModelFamily = Literal["sd15", "sdxl"]
-PIPELINE_CLASSES: dict[str, ModelFamily] = {"StableDiffusionPipeline": "sd15", "StableDiffusionXLPipeline": "sdxl"}
+from tasks.model_family import PIPELINE_CLASSES, ModelFamily, index_family, model_family  # noqa: F401 (re-exported)
+
 PIPELINES = {"sd15": StableDiffusionPipeline, "sdxl": StableDiffusionXLPipeline}
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer")
 WEIGHT_COMPONENTS = ("unet", "vae", "text_encoder")
@@ -154,27 +152,6 @@ def config_folder_problems(config: Path, file: Path) -> list[str]:
     if family == "sdxl" and not (config / "text_encoder_2" / "config.json").is_file():
         problems.append(f"{where}: no text_encoder_2/config.json; an SDXL config folder needs both text encoders")
     return problems
-
-
-def index_family(folder: Path) -> tuple[ModelFamily, str | None]:
-    """The family a diffusers folder's model_index.json names, and the problem if it names none we load."""
-    try:
-        name = json.loads((folder / "model_index.json").read_text(encoding="utf-8")).get("_class_name")
-    except (OSError, ValueError, AttributeError) as error:
-        return "sd15", f"model_index.json is unreadable ({error}); expected diffusers' JSON with _class_name"
-    if name not in PIPELINE_CLASSES:
-        return "sd15", (f"model_index.json names pipeline {name!r}; allowed: "
-                        f"{', '.join(repr(k) for k in PIPELINE_CLASSES)} (SD1.x or SDXL)")
-    return PIPELINE_CLASSES[name], None
-
-
-def model_family(path: str, config: str | None = None) -> ModelFamily:
-    """'sd15' or 'sdxl' for a base model: from its model_index.json, or its `config=` folder's for a single file."""
-    base = Path(path)
-    folder = base if base.is_dir() else Path(config) if config is not None else None
-    if folder is None or not (folder / "model_index.json").is_file():
-        return "sd15"  # a single file without config= fails validation; SD1.x until told otherwise
-    return index_family(folder)[0]
 
 
 def load_pipeline(

@@ -2,7 +2,7 @@
 
 Each checkpoint folder holds exactly:
   pytorch_lora_weights.safetensors   diffusers/peft format (load_lora_weights); UNet and, when
-                                     trained, text-encoder LoRA
+                                     trained, text-encoder LoRA (SDXL: both text encoders)
   <checkpoint_id>.safetensors        kohya format for AUTOMATIC1111 / ComfyUI, with ss_* metadata
                                      and sshs_* hashes (tasks.kohya_metadata)
   checkpoint.json                    the resolved run spec (every training option, the memory
@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -51,27 +52,31 @@ def load_training_state(folder: Path) -> dict:
 
 
 def save_checkpoint(run: TrainingRunSpec, unet, adapter: str, step: int, checkpoint_id: str, folder: Path,
-                    *, training_state: dict, facts: TrainingFacts, text_encoder=None, family: str = "sd15") -> Path:
+                    *, training_state: dict, facts: TrainingFacts, text_encoders: Sequence = (),
+                    family: str = "sd15") -> Path:
     """Save the adapter at `step` into `folder` (replacing any earlier partial attempt).
 
     `facts`: the training items and start time the kohya metadata records.
-    `text_encoder`: the pipeline's text encoder when its LoRA trained too; saved beside the UNet's.
-    `family`: the base model's ("sd15" or "sdxl"), which picks the diffusers loader and kohya metadata.
+    `text_encoders`: the pipeline's text encoders when their LoRA trained too (SD1.x: one, SDXL: two);
+    saved beside the UNet's. `family`: the base model's ("sd15" or "sdxl"), which picks the diffusers
+    loader and kohya metadata.
     """
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
         unet_state = get_peft_model_state_dict(unet, adapter_name=adapter)
-        text_state = text_encoder_lora_state(text_encoder, adapter) if text_encoder is not None else {}
+        text_states = [text_encoder_lora_state(encoder, adapter) for encoder in text_encoders]
         # peft-format keys (lora_A/lora_B): diffusers' older key names cannot mix attention and conv layers.
         pipeline_class = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
+        text_layers = {}
+        for name, encoder, state in zip(("text_encoder", "text_encoder_2"), text_encoders, text_states):
+            text_layers[f"{name}_lora_layers"] = state
+            text_layers[f"{name}_lora_adapter_metadata"] = encoder.peft_config[adapter].to_dict()
         pipeline_class.save_lora_weights(
             tmp, unet_lora_layers=unet_state, safe_serialization=True,
-            unet_lora_adapter_metadata=unet.peft_config[adapter].to_dict(),
-            text_encoder_lora_layers=text_state or None,
-            text_encoder_lora_adapter_metadata=text_encoder.peft_config[adapter].to_dict() if text_state else None,
+            unet_lora_adapter_metadata=unet.peft_config[adapter].to_dict(), **text_layers,
         )
-        kohya = kohya_state_dict(unet_state, run.alpha, text_state)
+        kohya = kohya_state_dict(unet_state, run.alpha, *text_states)
         metadata = with_hashes(kohya, kohya_metadata(run, step, family, facts))
         save_file(kohya, str(tmp / f"{checkpoint_id}.safetensors"), metadata=metadata)
         manifest = {"checkpoint_id": checkpoint_id, "step": step, "run": run.model_dump(mode="json"),
@@ -99,16 +104,20 @@ def text_encoder_lora_state(text_encoder, adapter: str) -> dict[str, torch.Tenso
 
 
 def kohya_state_dict(peft_state: dict[str, torch.Tensor], alpha: float,
-                     text_state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-    """kohya keys (`lora_unet_*`, `lora_te_*` `.lora_down/lora_up/alpha`) with the REAL alpha.
+                     text_state: dict[str, torch.Tensor] | None = None,
+                     text_2_state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """kohya keys (`lora_unet_*`, text encoders `.lora_down/lora_up/alpha`) with the REAL alpha.
 
     diffusers' converter writes alpha = rank; a reloaded LoRA would then be scaled wrongly
-    whenever alpha != rank, so every `.alpha` is overwritten. It also names the text encoder
-    `lora_te1_` (SDXL style); SD1.x tools expect `lora_te_`.
+    whenever alpha != rank, so every `.alpha` is overwritten. It names the text encoders
+    `lora_te1_` and `lora_te2_` (SDXL style, kept when `text_2_state` is given); SD1.x tools
+    expect `lora_te_` for the one text encoder.
     """
     prefixed = {f"unet.{k}": v.detach().cpu().contiguous() for k, v in peft_state.items()}
     prefixed |= {f"text_encoder.{k}": v.detach().cpu().contiguous() for k, v in (text_state or {}).items()}
+    prefixed |= {f"text_encoder_2.{k}": v.detach().cpu().contiguous() for k, v in (text_2_state or {}).items()}
     converted = convert_state_dict_to_kohya(prefixed)
-    return {k.replace("lora_te1_", "lora_te_", 1): (torch.tensor(float(alpha)) if k.endswith(".alpha") else v)
-            for k, v in converted.items()}
+    if not text_2_state:
+        converted = {k.replace("lora_te1_", "lora_te_", 1): v for k, v in converted.items()}
+    return {k: torch.tensor(float(alpha)) if k.endswith(".alpha") else v for k, v in converted.items()}
 

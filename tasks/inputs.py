@@ -56,7 +56,7 @@ def prepare_inputs(spec: SweepSpec) -> PreparedInputs:
         if not found:
             found = _family_problems(spec, path, model.config)
         problems += [f"base_models[{index}] ({model.name}): {p}" for p in found]
-    dataset_path, fingerprint, count, found = _dataset(spec)
+    dataset_path, fingerprint, count, found = _dataset(spec, _training_resolution(spec, model_paths, problems))
     problems += found
     if not found and spec.training.validation_images >= count:
         problems.append(f"training.validation_images = {spec.training.validation_images} leaves no training image "
@@ -86,14 +86,33 @@ def _model_path(spec: SweepSpec, path: str, config: str | None) -> tuple[str, li
 
 
 def _family_problems(spec: SweepSpec, path: str, config: str | None) -> list[str]:
-    """Training options the model's family (SD1.x or SDXL) cannot use yet."""
-    from tasks.base_model import model_family
-    from tasks.train_options import family_problems
+    """Training options the model's family (SD1.x or SDXL) cannot use: a memory preset below its smallest tier."""
+    from tasks.model_family import model_family
+    from tasks.training_presets import memory_preset
 
-    return family_problems(spec.training, model_family(path, config))
+    gib = spec.training.memory_preset_gib
+    if gib is None:
+        return []
+    try:
+        memory_preset(gib, model_family(path, config))
+    except ValueError as err:
+        return [f"training.memory_preset_gib = {gib:g}: {err}"]
+    return []
 
 
-def _dataset(spec: SweepSpec) -> tuple[str, str, int, list[str]]:
+def _training_resolution(spec: SweepSpec, model_paths: dict[str, str], problems: list[str]) -> int:
+    """The largest resolution any run trains at (a memory preset picks it per base model family), so
+    the demo dataset is generated at it and the summary buckets for it."""
+    if spec.training.memory_preset_gib is None or problems:
+        return spec.training.resolution
+    from tasks.model_family import model_family
+    from tasks.plan import preset_settings
+
+    return max(preset_settings(spec.training, model_family(model_paths[m.name], m.config))[1]["resolution"]
+               for m in spec.base_models)
+
+
+def _dataset(spec: SweepSpec, resolution: int) -> tuple[str, str, int, list[str]]:
     """Scan the dataset by its source, check the captioner folder, and print the dataset summary."""
     from tasks.captions import captioner_problem
     from tasks.dataset import DatasetError, dataset_fingerprint, dataset_summary, load_clip_tokenizer
@@ -105,20 +124,20 @@ def _dataset(spec: SweepSpec) -> tuple[str, str, int, list[str]]:
     if path.startswith(BUILTIN_PREFIX):
         from tasks.demo_world import write_demo_dataset
 
-        folder = builtin_dir(spec) / f"{path[len(BUILTIN_PREFIX):]}-{ds.trigger_word}-{spec.training.resolution}"
+        folder = builtin_dir(spec) / f"{path[len(BUILTIN_PREFIX):]}-{ds.trigger_word}-{resolution}"
         try:
-            path = str(write_demo_dataset(folder, trigger=ds.trigger_word, size=spec.training.resolution))
+            path = str(write_demo_dataset(folder, trigger=ds.trigger_word, size=resolution))
         except (ValueError, FileExistsError) as err:
-            return path, "", 0, [f"dataset.path {path!r} at training.resolution {spec.training.resolution}: {err}"]
+            return path, "", 0, [f"dataset.path {path!r} at training.resolution {resolution}: {err}"]
     problem = captioner_problem(ds.captioner) if ds.captioner else None
     try:
         # Captions a captioner will write are not known yet: the fingerprint covers the captioner name instead.
-        items = load_items(ds, Path(path), min_size=min(64, spec.training.resolution))
+        items = load_items(ds, Path(path), min_size=min(64, resolution))
     except DatasetError as err:
         return path, "", 0, [f"dataset: {p}" for p in err.problems] + ([problem] if problem else [])
     if problem:
         return path, "", 0, [problem]
-    summary = dataset_summary(items, load_clip_tokenizer(), resolution=spec.training.resolution,
+    summary = dataset_summary(items, load_clip_tokenizer(), resolution=resolution,
                               trigger_word=ds.trigger_word)
     print(f"dataset {path} ({ds.source}):\n{summary.format()}")  # log_prints puts it in the Prefect log
     fingerprint = dataset_fingerprint(items)

@@ -13,7 +13,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from tasks.spec import BaseModelSpec, DatasetSpec, SweepSpec, content_id
+from tasks.model_family import ModelFamily, model_family
+from tasks.spec import BaseModelSpec, DatasetSpec, SweepSpec, TrainingSpec, content_id
 from tasks.training_presets import MemoryPreset, memory_preset
 
 
@@ -119,11 +120,12 @@ def sweep_root(spec: SweepSpec) -> Path:
 def training_runs(
     spec: SweepSpec, model_paths: dict[str, str], dataset_path: str, dataset_fingerprint: str
 ) -> list[TrainingRunSpec]:
-    """One run per (base model x rank), in spec order."""
+    """One run per (base model x rank), in spec order; a memory preset plans for each model's family."""
     t = spec.training
     runs = []
     for model in spec.base_models:
-        for rank in t.ranks:
+        preset, settings = preset_settings(t, model_family(model_paths[model.name], model.config))
+        for rank in settings["ranks"]:
             fields = dict(
                 base_model=model,
                 base_model_path=model_paths[model.name],
@@ -135,11 +137,11 @@ def training_runs(
                 max_steps=t.max_steps,
                 checkpoint_steps=tuple(sorted(t.checkpoint_steps)),
                 learning_rate=t.learning_rate,
-                batch_size=t.batch_size,
-                resolution=t.resolution,
+                batch_size=settings["batch_size"],
+                resolution=settings["resolution"],
                 seed=t.seed,
                 target_modules=t.lora_targets(),
-                **_training_options(spec),
+                **_training_options(t, settings, preset, spec.output_dir),
             )
             identity = {k: v for k, v in fields.items() if k not in NOT_IN_ID
                         and not (k in OPTION_DEFAULTS and v == OPTION_DEFAULTS[k])}
@@ -165,14 +167,28 @@ OPTION_DEFAULTS = {name: TrainingRunSpec.model_fields[name].default for name in 
 NOT_IN_ID = ("base_model_path", "dataset_path", "memory_preset", "cache", "cache_dir")
 
 
-def _training_options(spec: SweepSpec) -> dict[str, object]:
+def preset_settings(t: TrainingSpec, family: ModelFamily) -> tuple[MemoryPreset | None, dict[str, object]]:
+    """The memory preset for a base model's family (None without memory_preset_gib) and the settings
+    it chooses (resolution, batch_size, ranks, gradient_checkpointing, mixed_precision), each
+    replaced by the spec's own value where the user set that key."""
+    own = {key: getattr(t, key) for key in MemoryPreset.TRAINING_KEYS}
+    if t.memory_preset_gib is None:
+        return None, own
+    preset = memory_preset(t.memory_preset_gib, family)
+    chosen = preset.training_fields()
+    return preset, {key: own[key] if key in t.model_fields_set else chosen[key] for key in chosen}
+
+
+def _training_options(t: TrainingSpec, settings: dict[str, object], preset: MemoryPreset | None,
+                      output_dir: str) -> dict[str, object]:
     """The run's copy of the training options, text-encoder LR and memory preset resolved."""
-    t = spec.training
     options: dict[str, object] = {name: getattr(t, name) for name in OPTION_DEFAULTS}
+    options["mixed_precision"] = settings["mixed_precision"]
+    options["gradient_checkpointing"] = settings["gradient_checkpointing"]
     options["text_encoder_lr"] = (t.text_encoder_lr or t.learning_rate) if t.train_text_encoder else None
-    options["memory_preset"] = memory_preset(t.memory_preset_gib) if t.memory_preset_gib is not None else None
+    options["memory_preset"] = preset
     options["cache"] = t.cache
-    options["cache_dir"] = (t.cache_dir or str(Path(spec.output_dir) / "cache")) if t.cache == "disk" else None
+    options["cache_dir"] = (t.cache_dir or str(Path(output_dir) / "cache")) if t.cache == "disk" else None
     if t.buckets:  # the step only matters (and only enters the id) with buckets on
         options["bucket_step"] = t.bucket_step
     return options

@@ -131,10 +131,11 @@ class TrainingSpec(_Frozen):
 
     Every option defaults to the plain loop: attention LoRA, constant learning rate, AdamW, fp32.
     `memory_preset_gib` fills resolution, batch_size, gradient_checkpointing, mixed_precision and
-    ranks for a GPU of that size (tasks.training_presets); a key set in the spec wins.
+    ranks for a GPU of that size and each base model's family (tasks.training_presets), when the
+    plan knows the family (tasks.plan); a key set in the spec wins. `ranks` may then be left out.
     """
 
-    ranks: tuple[PositiveInt, ...] = Field(min_length=1)
+    ranks: tuple[PositiveInt, ...] | None = Field(default=None, min_length=1)  # None: the memory preset's rank
     alpha: float | None = Field(default=None, gt=0, description="LoRA alpha; None means alpha = rank")
     max_steps: PositiveInt
     checkpoint_steps: tuple[PositiveInt, ...] = Field(min_length=1)
@@ -156,7 +157,8 @@ class TrainingSpec(_Frozen):
     optimizer: Literal["adamw", "adamw8bit"] = "adamw"
     train_text_encoder: bool = False
     text_encoder_lr: float | None = Field(default=None, gt=0, le=1)
-    memory_preset_gib: float | None = Field(default=None, ge=4, le=4096)  # 4: the smallest sd15 tier
+    # 4: the smallest sd15 tier; an SDXL base model needs 10 (checked with the base models, tasks.inputs)
+    memory_preset_gib: float | None = Field(default=None, ge=4, le=4096)
     validation_images: int = Field(default=0, ge=0, le=10_000)  # held out; validation loss at each checkpoint
     # VAE latents and text-encoder outputs: "disk" keeps them under cache_dir keyed by content hash
     # (reused by later runs, sweeps and resumes), "memory" encodes once per run, "off" encodes every step.
@@ -167,24 +169,17 @@ class TrainingSpec(_Frozen):
     buckets: bool = False
     bucket_step: int = Field(default=64, ge=8, le=512, multiple_of=8)
 
-    @model_validator(mode="before")
-    @classmethod
-    def _fill_from_memory_preset(cls, data: Any) -> Any:
-        from tasks.training_presets import MIN_PRESET_GIB, memory_preset
-
-        gib = data.get("memory_preset_gib") if isinstance(data, dict) else None
-        if not isinstance(gib, (int, float)) or isinstance(gib, bool) or gib < MIN_PRESET_GIB:
-            return data  # absent or bad: the field's own check reports a bad value
-        return {**memory_preset(gib, "sd15").training_fields(), **data}
-
     @field_validator("ranks", "checkpoint_steps")
     @classmethod
-    def _no_repeats(cls, value: tuple, info: Any) -> tuple:
-        return _unique(value, info.field_name)
+    def _no_repeats(cls, value: tuple | None, info: Any) -> tuple | None:
+        return value if value is None else _unique(value, info.field_name)
 
     @model_validator(mode="after")
     def _options_agree(self) -> TrainingSpec:
         problems = []
+        if self.ranks is None and self.memory_preset_gib is None:
+            problems.append("ranks is missing; allowed: a list of LoRA ranks, or leave it out and set "
+                            "memory_preset_gib (the preset then picks the rank)")
         beyond = [s for s in self.checkpoint_steps if s > self.max_steps]
         if beyond:
             problems.append(f"checkpoint_steps {beyond} exceed max_steps {self.max_steps}; "

@@ -8,10 +8,10 @@ checkpoint is written at every requested step.
 Options (all off by default, see TrainingSpec): LoRA dropout and wider target presets, an LR
 schedule with warmup, gradient accumulation (a step = `gradient_accumulation_steps` micro-batches),
 Min-SNR loss weighting, offset noise, fp16/bf16 mixed precision, gradient checkpointing, 8-bit
-AdamW and a text-encoder LoRA (the text encoder then runs every step). Attention is diffusers'
+AdamW and a text-encoder LoRA (the text encoders then run every step). Attention is diffusers'
 default, PyTorch's scaled_dot_product_attention.
 SDXL base models train the same way, their UNet also conditioned on the pooled text embedding and
-size ids (tasks.text_conditioning); the text-encoder LoRA and validation loss are SD1.x-only.
+size ids (tasks.text_conditioning); a text-encoder LoRA goes on both of SDXL's text encoders.
 """
 
 from __future__ import annotations
@@ -43,13 +43,14 @@ from tasks.kohya_metadata import TrainingFacts
 from tasks.plan import CheckpointRef, TrainingRunSpec, checkpoint_id
 from tasks.encodings import encode_training_set
 from tasks.text_conditioning import encode_captions, text_encoders
-from tasks.train_options import (check_family_support, check_training_support, diffusion_loss, log_memory_preset,
-                                 loop_state, make_optimizer, restore_loop_state, sample_noise)
+from tasks.train_options import (check_training_support, diffusion_loss, log_memory_preset, loop_state,
+                                 make_optimizer, restore_loop_state, sample_noise)
 from tasks.training_presets import TEXT_ENCODER_TARGETS, target_preset_of
 from tasks.validation import prepare_validation, split_validation, validation_loss
 
 log = logging.getLogger(__name__)
 ADAPTER = "default"
+TEXT_ENCODER_STATE_KEYS = ("text_encoder_lora", "text_encoder_2_lora")  # training state keys, per text encoder
 
 
 @dataclass(frozen=True)
@@ -82,7 +83,6 @@ def _train(run: TrainingRunSpec, layout: SweepLayout, started: datetime) -> dict
     device = "cuda" if torch.cuda.is_available() else "cpu"
     check_training_support(run, device)
     family = model_family(run.base_model_path, run.base_model.config)
-    check_family_support(run, family)
     log_memory_preset(run)
     captioner = load_captioner(run.dataset.captioner, device=device) if run.dataset.captioner else None
     items = load_items(run.dataset, Path(run.dataset_path), min_size=8, captioner=captioner)
@@ -101,7 +101,7 @@ def _train(run: TrainingRunSpec, layout: SweepLayout, started: datetime) -> dict
         log.info("run %s: resuming after step %d", run.run_id, resume["step"])
     t0 = time.perf_counter()
     elapsed_before = float(resume["elapsed"]) if resume else 0.0
-    text_encoder = pipe.text_encoder if run.train_text_encoder else None
+    trained_encoders = text_encoders(pipe)[0] if run.train_text_encoder else []
 
     def on_checkpoint(step: int, loop: dict) -> None:
         elapsed = elapsed_before + time.perf_counter() - t0
@@ -110,10 +110,10 @@ def _train(run: TrainingRunSpec, layout: SweepLayout, started: datetime) -> dict
         state = {"step": step, "lora": get_peft_model_state_dict(pipe.unet, adapter_name=ADAPTER), **loop,
                  "losses": list(losses), "learning_rates": list(learning_rates),
                  "checkpoint_rows": [*checkpoint_rows, row], "elapsed": elapsed}
-        if text_encoder is not None:
-            state["text_encoder_lora"] = get_peft_model_state_dict(text_encoder, adapter_name=ADAPTER)
+        for key, encoder in zip(TEXT_ENCODER_STATE_KEYS, trained_encoders):
+            state[key] = get_peft_model_state_dict(encoder, adapter_name=ADAPTER)
         save_checkpoint(run, pipe.unet, ADAPTER, step, row["checkpoint_id"], layout.checkpoint_dir(run.run_id, step),
-                        training_state=state, facts=facts, text_encoder=text_encoder, family=family)
+                        training_state=state, facts=facts, text_encoders=trained_encoders, family=family)
         checkpoint_rows.append(row)
 
     params = fit_lora(pipe, run, items, device=device, losses=losses, on_checkpoint=on_checkpoint, resume=resume,
@@ -136,7 +136,7 @@ def _train(run: TrainingRunSpec, layout: SweepLayout, started: datetime) -> dict
 def fit_lora(pipe, run: TrainingRunSpec, items: list[DatasetItem], *, device: str, losses: list[float],
              on_checkpoint: Callable[[int, dict], None], resume: dict | None = None,
              learning_rates: list[float] | None = None) -> int:
-    """Add LoRA adapters to `pipe.unet` (and `pipe.text_encoder`) and train them in place.
+    """Add LoRA adapters to `pipe.unet` (and its text encoders) and train them in place.
 
     Appends each step's loss (and learning rate) and calls `on_checkpoint(step, loop_state)` at
     every checkpoint step, `loop_state` holding the optimizer, LR schedule, grad scaler and RNG
@@ -145,9 +145,9 @@ def fit_lora(pipe, run: TrainingRunSpec, items: list[DatasetItem], *, device: st
     """
     check_training_support(run, device)
     encoders, tokenizers = text_encoders(pipe)
-    check_family_support(run, "sdxl" if len(encoders) == 2 else "sd15")
     torch.manual_seed(run.seed)
-    unet, vae, text_encoder = pipe.unet, pipe.vae, pipe.text_encoder
+    unet, vae = pipe.unet, pipe.vae
+    trained_encoders = encoders if run.train_text_encoder else []
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     for module in (unet, vae, *encoders):
         module.requires_grad_(False)
@@ -169,11 +169,11 @@ def fit_lora(pipe, run: TrainingRunSpec, items: list[DatasetItem], *, device: st
     lora = dict(r=run.rank, lora_alpha=run.alpha, lora_dropout=run.lora_dropout, init_lora_weights="gaussian")
     with MODEL_BUILD_LOCK:
         unet.add_adapter(LoraConfig(**lora, target_modules=list(run.target_modules)), adapter_name=ADAPTER)
-        if run.train_text_encoder:  # peft directly: transformers' add_adapter wants a newer peft
-            inject_adapter_in_model(LoraConfig(**lora, target_modules=list(TEXT_ENCODER_TARGETS)), text_encoder,
+        for encoder in trained_encoders:  # peft directly: transformers' add_adapter wants a newer peft
+            inject_adapter_in_model(LoraConfig(**lora, target_modules=list(TEXT_ENCODER_TARGETS)), encoder,
                                     adapter_name=ADAPTER)
     unet_params = [p for p in unet.parameters() if p.requires_grad]
-    text_params = [p for p in text_encoder.parameters() if p.requires_grad]
+    text_params = [p for encoder in trained_encoders for p in encoder.parameters() if p.requires_grad]
     for param in unet_params + text_params:
         param.data = param.data.float()
     if run.gradient_checkpointing:
@@ -190,12 +190,13 @@ def fit_lora(pipe, run: TrainingRunSpec, items: list[DatasetItem], *, device: st
     first_step = 1
     if resume:
         set_peft_model_state_dict(unet, resume["lora"], adapter_name=ADAPTER)
-        if run.train_text_encoder:
-            set_peft_model_state_dict(text_encoder, resume["text_encoder_lora"], adapter_name=ADAPTER)
+        for key, encoder in zip(TEXT_ENCODER_STATE_KEYS, trained_encoders):
+            set_peft_model_state_dict(encoder, resume[key], adapter_name=ADAPTER)
         restore_loop_state(resume, optimizer, lr_schedule, scaler, generator)
         first_step = resume["step"] + 1
     unet.train()
-    text_encoder.train(run.train_text_encoder)
+    for encoder in trained_encoders:
+        encoder.train()
 
     repeats = torch.tensor([item.repeats for item in items], dtype=torch.float)
     ds = run.dataset
@@ -252,7 +253,8 @@ def fit_lora(pipe, run: TrainingRunSpec, items: list[DatasetItem], *, device: st
             on_checkpoint(step, loop_state(optimizer, lr_schedule, scaler, generator))
             log.info("run %s: checkpoint at step %d (loss %.4f)", run.run_id, step, losses[-1])
     unet.eval()
-    text_encoder.eval()
+    for encoder in trained_encoders:
+        encoder.eval()
     if run.gradient_checkpointing:
         unet.disable_gradient_checkpointing()
     return sum(p.numel() for p in unet_params + text_params)

@@ -44,28 +44,6 @@ def check_training_support(run: TrainingRunSpec, device: str) -> None:
         raise ValueError(f"run {run.run_id} cannot train here: " + "; ".join(problems))
 
 
-SDXL_UNSUPPORTED = {  # option -> why it is SD1.x-only for now
-    "train_text_encoder": "the text-encoder LoRA trains one CLIP encoder; SDXL has two",
-    "validation_images": "the validation loss conditions the UNet as SD1.x does (no pooled text or size ids)",
-}
-
-
-def family_problems(training, family: str) -> list[str]:
-    """Training options a model family cannot use yet (`training`: a TrainingSpec or TrainingRunSpec)."""
-    if family != "sdxl":
-        return []
-    return [f"training.{key} = {getattr(training, key)!r} is not supported for SDXL base models yet ({why}); "
-            f"allowed with SDXL: {key} = {False if key == 'train_text_encoder' else 0}"
-            for key, why in SDXL_UNSUPPORTED.items() if getattr(training, key)]
-
-
-def check_family_support(run: TrainingRunSpec, family: str) -> None:
-    """Raise before any work when the run asks for an option its base model's family lacks."""
-    problems = family_problems(run, family)
-    if problems:
-        raise ValueError(f"run {run.run_id} cannot train on {run.base_model.name} ({family}): " + "; ".join(problems))
-
-
 def make_optimizer(name: str, groups: list[dict]) -> torch.optim.Optimizer:
     if name == "adamw8bit":
         import bitsandbytes as bnb

@@ -5,7 +5,7 @@ Pure data and functions (no torch): the spec validates against them and the plan
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict
 
@@ -47,7 +47,6 @@ MEMORY_TIERS: dict[str, tuple[tuple[float, int, int, bool, str, int], ...]] = {
         (80, 1024, 8, False, "bf16", 64),
     ),
 }
-MIN_PRESET_GIB = MEMORY_TIERS["sd15"][0][0]
 NATIVE_RESOLUTION = {"sd15": 512, "sdxl": 1024}
 
 
@@ -65,9 +64,12 @@ class MemoryPreset(BaseModel):
     rank: int
     explanation: str
 
+    TRAINING_KEYS: ClassVar[tuple[str, ...]] = (
+        "resolution", "batch_size", "ranks", "gradient_checkpointing", "mixed_precision")
+
     def training_fields(self) -> dict[str, object]:
-        """The values as `[training]` keys (a spec key the user set wins over these)."""
-        return {"resolution": self.resolution, "batch_size": self.batch_size, "ranks": [self.rank],
+        """The values as `[training]` keys (a spec key the user set wins over these; see tasks.plan)."""
+        return {"resolution": self.resolution, "batch_size": self.batch_size, "ranks": (self.rank,),
                 "gradient_checkpointing": self.gradient_checkpointing, "mixed_precision": self.mixed_precision}
 
 

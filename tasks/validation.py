@@ -4,6 +4,8 @@
 seed). At every checkpoint their denoising loss is measured at the same five timesteps with the
 same noise, with the LoRA as it is at that step: a number that moves only because the weights
 did, comparable across the checkpoints of a run (and across runs on the same dataset and seed).
+The UNet is conditioned as in training (tasks.text_conditioning): SDXL also gets the pooled text
+embedding and the images' size ids.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler
 
 from tasks.dataset import DatasetItem, training_images
-from tasks.text_conditioning import encode_captions
+from tasks.text_conditioning import TextConditioning, encode_captions, size_ids, text_encoders
 
 VALIDATION_TIMESTEPS = (100, 300, 500, 700, 900)
 NOISE_SEED_OFFSET = 1_000_003  # validation noise never shares the training generator's stream
@@ -37,11 +39,12 @@ def split_validation(items: list[DatasetItem], count: int, seed: int) -> tuple[l
 
 @dataclass(frozen=True)
 class ValidationSet:
-    """Held-out latents (VAE posterior mean), captions and one fixed noise draw per timestep."""
+    """Held-out latents (VAE posterior mean), captions, SDXL size ids and one fixed noise draw per timestep."""
 
     latents: torch.Tensor  # (n, C, h, w), scaled
     noise: torch.Tensor  # (len(VALIDATION_TIMESTEPS), n, C, h, w)
     captions: tuple[str, ...]  # encoded at every checkpoint: a text-encoder LoRA changes them
+    time_ids: torch.Tensor | None = None  # (n, 6) for SDXL, as tasks.train builds them; None for SD1.x
 
 
 @torch.no_grad()
@@ -53,23 +56,28 @@ def prepare_validation(pipe, items: list[DatasetItem], resolution: int, seed: in
                          for chunk in pixels.split(8)]) * vae.config.scaling_factor
     generator = torch.Generator().manual_seed(seed + NOISE_SEED_OFFSET)
     noise = torch.randn((len(VALIDATION_TIMESTEPS), *latents.shape), generator=generator)
-    return ValidationSet(latents, noise, tuple(item.caption for item in items))
+    sdxl = len(text_encoders(pipe)[0]) == 2
+    time_ids = torch.tensor([size_ids(item.path, resolution) for item in items]) if sdxl else None
+    return ValidationSet(latents, noise, tuple(item.caption for item in items), time_ids)
 
 
 @torch.no_grad()
 def validation_loss(pipe, validation: ValidationSet, device: str) -> float:
     """Mean denoising MSE over the held-out images and VALIDATION_TIMESTEPS, in eval mode (no dropout)."""
-    unet, text_encoder = pipe.unet, pipe.text_encoder
-    modes = unet.training, text_encoder.training
-    unet.eval()
-    text_encoder.eval()
+    unet = pipe.unet
+    encoders, tokenizers = text_encoders(pipe)
+    modules = [unet, *encoders]
+    modes = [module.training for module in modules]
+    for module in modules:
+        module.eval()
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     frozen = next(p.dtype for n, p in unet.named_parameters() if "lora_" not in n)
     autocast = (torch.autocast("cuda" if device == "cuda" else "cpu", dtype=frozen)
                 if frozen in (torch.float16, torch.bfloat16) else contextlib.nullcontext())
     try:
         with autocast:
-            embeddings, _ = encode_captions(list(validation.captions), [text_encoder], [pipe.tokenizer], device)
+            states, pooled = encode_captions(list(validation.captions), encoders, tokenizers, device)
+            condition = TextConditioning(states, pooled, validation.time_ids).unet_kwargs(device)
             losses = []
             for k, t in enumerate(VALIDATION_TIMESTEPS):
                 timesteps = torch.full((len(validation.latents),), t, dtype=torch.long)
@@ -77,9 +85,9 @@ def validation_loss(pipe, validation: ValidationSet, device: str) -> float:
                 noisy = scheduler.add_noise(validation.latents, noise, timesteps)
                 target = (scheduler.get_velocity(validation.latents, noise, timesteps)
                           if scheduler.config.prediction_type == "v_prediction" else noise)
-                prediction = unet(noisy.to(device), timesteps.to(device), embeddings).sample
+                prediction = unet(noisy.to(device), timesteps.to(device), **condition).sample
                 losses.append(F.mse_loss(prediction.float().cpu(), target).item())
     finally:
-        unet.train(modes[0])
-        text_encoder.train(modes[1])
+        for module, mode in zip(modules, modes, strict=True):
+            module.train(mode)
     return float(np.mean(losses))

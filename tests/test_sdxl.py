@@ -1,10 +1,13 @@
 """The SDXL family on the tiny SDXL model: it builds and loads as StableDiffusionXLPipeline, trains
 through the same spec and code path as SD1.5, saves both LoRA formats (real alpha, SDXL metadata),
 each reloads to the trained adapter's exact pixels, weight 0 equals no LoRA, and a render job
-writes PNGs with A1111 metadata."""
+writes PNGs with A1111 metadata. With train_text_encoder both text encoders get LoRA (te1 and te2
+in the kohya file), a killed run resumes bit for bit, and the validation loss is conditioned as
+training is (pooled text, size ids)."""
 
 from __future__ import annotations
 
+import math
 import shutil
 from pathlib import Path
 
@@ -13,10 +16,14 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from diffusers import StableDiffusionXLPipeline
+from peft.utils import get_peft_model_state_dict
 from safetensors import safe_open
+from safetensors.torch import load_file
+
+from storage.layout import SweepLayout
 
 from tasks.base_model import load_pipeline, model_family, validate_base_model
-from tasks.checkpoint_io import DIFFUSERS_FILE, checkpoint_files
+from tasks.checkpoint_io import DIFFUSERS_FILE, checkpoint_files, load_training_state
 from tasks.dataset import scan_dataset
 from tasks.inputs import InputError, prepare_inputs
 from tasks.plan import render_jobs, training_runs
@@ -26,6 +33,7 @@ from tasks.spec import parse_spec
 from tasks.tiny_model import write_config_folder
 from tasks.tiny_sdxl import SDXL_BUILD_ENTRIES
 from tasks.train import fit_lora, train_lora
+from tasks.validation import prepare_validation, split_validation, validation_loss
 from tests.conftest import small_sweep_data
 
 PROMPT = "a photo of zqx"
@@ -89,14 +97,12 @@ def test_tiny_sdxl_builds_and_loads_as_an_sdxl_pipeline(setup, tiny_model_dir: P
     assert "text_encoder_2/" in problem and "SDXL" in problem
 
 
-def test_sdxl_refuses_options_it_does_not_support_yet(tmp_path: Path) -> None:
-    spec = parse_spec(sdxl_sweep(tmp_path, train_text_encoder=True, validation_images=1))
+def test_sdxl_refuses_a_memory_preset_below_its_smallest_tier(tmp_path: Path) -> None:
+    spec = parse_spec(sdxl_sweep(tmp_path, memory_preset_gib=6))  # fits an SD1.5 tier, not an SDXL one
     with pytest.raises(InputError) as error:
         prepare_inputs(spec)
-    problems = error.value.problems
-    assert len(problems) == 2 and all(p.startswith("base_models[0] (tiny-sdxl): ") for p in problems)
-    assert "training.train_text_encoder = True is not supported for SDXL" in problems[0]
-    assert "training.validation_images = 1 is not supported for SDXL" in problems[1]
+    assert error.value.problems == ["base_models[0] (tiny-sdxl): training.memory_preset_gib = 6: 6 GiB is below the "
+                                    "smallest sdxl preset (10 GiB); allowed: 10 GiB or more"]
 
 
 def test_training_saves_both_formats_with_sdxl_metadata(trained, setup) -> None:
@@ -155,3 +161,110 @@ def test_sdxl_render_job_writes_pngs_with_a1111_metadata(trained, setup) -> None
         assert parameters.startswith(row["prompt"]) and "Size: 64x64" in parameters and "Model: tiny-sdxl" in parameters
         assert f'Lora hashes: "{result.checkpoints[-1].checkpoint_id}: ' in parameters
         assert ours["image_id"] == row["image_id"]
+
+
+TE_LR = 2e-2
+
+
+@pytest.fixture(scope="module")
+def trained_te(setup):
+    """LoRA on the UNet and both text encoders, 2 images held out for the validation loss: in memory
+    by fit_lora, and the same run trained and saved by the task (checkpoints at steps 2 and 4)."""
+    spec, inputs, _ = setup
+    data = sdxl_sweep(Path(spec.output_dir), ranks=[2], alpha=3.0, max_steps=4, checkpoint_steps=[2, 4],
+                      learning_rate=5e-2, train_text_encoder=True, text_encoder_lr=TE_LR, validation_images=2)
+    run = training_runs(parse_spec(data), inputs.model_paths, inputs.dataset_path, inputs.dataset_fingerprint)[0]
+    pipe = fresh(inputs.model_paths["tiny-sdxl"])
+    items, _ = split_validation(scan_dataset(Path(inputs.dataset_path)), 2, run.seed)
+    fit_lora(pipe, run, items, device="cpu", losses=[], on_checkpoint=lambda *state: None)
+    return run, pipe, train_lora(run)
+
+
+def lora_b(module) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in get_peft_model_state_dict(module, adapter_name="default").items() if "lora_B" in k}
+
+
+def test_sdxl_text_encoder_lora_trains_both_encoders_with_their_learning_rate(trained_te) -> None:
+    run, pipe, result = trained_te
+    first, second = lora_b(pipe.text_encoder), lora_b(pipe.text_encoder_2)
+    assert any(v.abs().max() > 0 for v in first.values()) and any(v.abs().max() > 0 for v in second.values())
+    # The pooled embedding comes from text_encoder_2's last layer, which the hidden states (penultimate) skip:
+    # its LoRA moves only if the pooled path carries gradients.
+    assert all(v.abs().max() > 0 for k, v in second.items() if "layers.1." in k)
+    state = load_training_state(Path(result.checkpoints[-1].lora_dir))
+    assert state["text_encoder_lora"].keys() == get_peft_model_state_dict(pipe.text_encoder).keys()
+    assert state["text_encoder_2_lora"].keys() == get_peft_model_state_dict(pipe.text_encoder_2).keys()
+    unet_group, text_group = state["optimizer"]["param_groups"]
+    assert (unet_group["lr"], text_group["lr"]) == (run.learning_rate, TE_LR)
+    assert len(text_group["params"]) == 2 * len(first) + 2 * len(second)  # A and B of every layer of both
+
+
+def test_sdxl_text_encoder_lora_is_in_both_files_with_te1_and_te2_keys(trained_te) -> None:
+    run, _, result = trained_te
+    ckpt = result.checkpoints[-1]
+    with safe_open(str(Path(ckpt.lora_dir) / DIFFUSERS_FILE), "pt") as f:
+        prefixes = {k.split(".")[0] for k in f.keys()}
+    assert prefixes == {"unet", "text_encoder", "text_encoder_2"}
+    with safe_open(str(Path(ckpt.lora_dir) / f"{ckpt.checkpoint_id}.safetensors"), "pt") as f:
+        keys, meta = list(f.keys()), f.metadata()
+        alphas = {float(f.get_tensor(k)) for k in keys if k.endswith(".alpha")}
+    assert {k.split("_text_model")[0] for k in keys if k.startswith("lora_te")} == {"lora_te1", "lora_te2"}
+    assert not any(k.startswith("lora_te_") for k in keys)
+    assert alphas == {run.alpha} != {float(run.rank)}
+    assert meta["ss_network_train_unet_only"] == "False" and meta["ss_text_encoder_lr"] == str(TE_LR)
+
+
+@pytest.mark.parametrize("fmt", ["diffusers", "kohya"])
+def test_saved_sdxl_text_encoder_lora_reloads_to_the_trained_pixels(trained_te, setup, fmt: str) -> None:
+    _, inputs, _ = setup
+    _, pipe, result = trained_te
+    ckpt = result.checkpoints[-1]
+    weight_name = DIFFUSERS_FILE if fmt == "diffusers" else f"{ckpt.checkpoint_id}.safetensors"
+    reloaded = fresh(inputs.model_paths["tiny-sdxl"])
+    plain = reloaded.encode_prompt(PROMPT, device="cpu", do_classifier_free_guidance=False)
+    reloaded.load_lora_weights(ckpt.lora_dir, weight_name=weight_name, adapter_name="reloaded")
+    loaded = reloaded.encode_prompt(PROMPT, device="cpu", do_classifier_free_guidance=False)
+    # Both encoders' LoRA loaded: the hidden states (te1 and te2 halves) and te2's pooled embedding all moved.
+    half = plain[0].shape[-1] // 2
+    assert (loaded[0][..., :half] - plain[0][..., :half]).abs().max() > 1e-4
+    assert (loaded[0][..., half:] - plain[0][..., half:]).abs().max() > 1e-4
+    assert (loaded[2] - plain[2]).abs().max() > 1e-4
+    np.testing.assert_allclose(render(reloaded), render(pipe), atol=1e-5)
+
+
+def test_sdxl_validation_loss_is_measured_with_pooled_text_and_size_ids(trained_te, setup) -> None:
+    _, inputs, _ = setup
+    run, _, result = trained_te
+    layout = SweepLayout(Path(run.sweep_root))
+    rows = sorted(pq.read_table(layout.table_file("checkpoints", run.run_id)).to_pylist(), key=lambda r: r["step"])
+    values = [r["validation_loss"] for r in rows]
+    assert all(math.isfinite(v) for v in values) and values[0] != values[1], values
+    # Fixed timesteps and noise: the reloaded final LoRA (UNet and both text encoders) measures the recorded value.
+    _, held = split_validation(scan_dataset(Path(inputs.dataset_path)), 2, run.seed)
+    pipe = fresh(inputs.model_paths["tiny-sdxl"])
+    pipe.load_lora_weights(result.checkpoints[-1].lora_dir, weight_name=DIFFUSERS_FILE, adapter_name="v")
+    validation = prepare_validation(pipe, held, run.resolution, run.seed, "cpu")
+    assert validation.time_ids.shape == (2, 6)
+    assert validation_loss(pipe, validation, "cpu") == pytest.approx(values[-1], rel=1e-4)
+    pipe.set_adapters(["v"], adapter_weights=[0.0])  # and without the LoRA it differs
+    assert validation_loss(pipe, validation, "cpu") != pytest.approx(values[-1], rel=1e-4)
+
+
+def test_resumed_sdxl_text_encoder_run_ends_with_the_same_weights(trained_te) -> None:
+    run, _, result = trained_te
+    last = Path(result.checkpoints[-1].lora_dir)
+    uninterrupted = load_file(str(last / DIFFUSERS_FILE))
+    kohya = last / f"{result.checkpoints[-1].checkpoint_id}.safetensors"
+    uninterrupted_kohya = load_file(str(kohya))
+    layout = SweepLayout(Path(run.sweep_root))
+    losses = pq.read_table(layout.table_file("losses", run.run_id)).to_pylist()
+    # As if the process died after the step-2 checkpoint: the last checkpoint and the run's rows are gone.
+    shutil.rmtree(last)
+    for table in ("runs", "losses", "checkpoints"):
+        layout.table_file(table, run.run_id).unlink()
+    assert train_lora(run).checkpoints == result.checkpoints
+    again = load_file(str(last / DIFFUSERS_FILE))
+    assert again.keys() == uninterrupted.keys()
+    assert all(torch.equal(again[k], v) for k, v in uninterrupted.items())
+    assert all(torch.equal(load_file(str(kohya))[k], v) for k, v in uninterrupted_kohya.items())
+    assert pq.read_table(layout.table_file("losses", run.run_id)).to_pylist() == losses

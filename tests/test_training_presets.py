@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from tasks.inputs import _training_resolution
 from tasks.plan import training_runs
 from tasks.spec import SpecError, parse_spec
 from tasks.training_presets import TARGET_PRESETS, memory_preset
@@ -125,12 +126,61 @@ def test_memory_preset_in_the_spec_fills_only_what_the_user_left_out(tmp_path: P
     for key in ("ranks", "resolution"):
         del data["training"][key]
     training = parse_spec(data).training
-    assert (training.ranks, training.resolution, training.gradient_checkpointing, training.mixed_precision) == (
-        (32,), 512, True, "fp16")
-    assert training.batch_size == 2  # set in the spec: wins over the preset's 4
+    assert training.ranks is None  # the spec keeps what the user wrote; the plan applies the preset
+    assert {"memory_preset_gib", "batch_size"} <= training.model_fields_set
+    assert "resolution" not in training.model_fields_set
     run = training_runs(parse_spec(data), *PATHS)[0]
-    assert run.memory_preset == memory_preset(12) and run.batch_size == 2 and run.rank == 32
+    assert run.memory_preset == memory_preset(12) and run.batch_size == 2  # set in the spec: wins over the preset's 4
+    assert (run.rank, run.resolution, run.gradient_checkpointing, run.mixed_precision) == (32, 512, True, "fp16")
     # the record is not part of the id: the same resolved settings are the same run
     explicit = small_sweep_data(tmp_path, batch_size=2, ranks=[32], resolution=512, gradient_checkpointing=True,
                                 mixed_precision="fp16")
     assert training_runs(parse_spec(explicit), *PATHS)[0].run_id == run.run_id
+
+
+def sdxl_folder(tmp_path: Path) -> str:
+    """Just enough of an SDXL diffusers folder for the plan to read its family."""
+    folder = tmp_path / "sdxl"
+    folder.mkdir()
+    (folder / "model_index.json").write_text('{"_class_name": "StableDiffusionXLPipeline"}')
+    return str(folder)
+
+
+def test_memory_preset_plans_for_each_base_models_family(tmp_path: Path) -> None:
+    data = small_sweep_data(tmp_path, memory_preset_gib=24)
+    for key in ("ranks", "resolution", "batch_size"):
+        del data["training"][key]
+    data["base_models"].append({"name": "xl", "path": "/models/xl"})
+    paths = ({"tiny-sd15": "/models/tiny", "xl": sdxl_folder(tmp_path)}, "/data/world", "fp")
+    sd15, sdxl = training_runs(parse_spec(data), *paths)
+    assert sd15.memory_preset == memory_preset(24, "sd15") and sdxl.memory_preset == memory_preset(24, "sdxl")
+    assert (sd15.resolution, sd15.batch_size, sd15.rank, sd15.mixed_precision) == (512, 8, 64, "bf16")
+    assert (sdxl.resolution, sdxl.batch_size, sdxl.rank, sdxl.gradient_checkpointing) == (1024, 2, 32, True)
+    assert sdxl.run_id.startswith("xl-r32-") and sd15.run_id.startswith("tiny-sd15-r64-")
+    assert _training_resolution(parse_spec(data), paths[0], []) == 1024  # the demo dataset is made at the largest
+    # A key set in the spec wins for every family.
+    data["training"].update(resolution=256, ranks=[4])
+    sd15, sdxl = training_runs(parse_spec(data), *paths)
+    assert (sd15.resolution, sd15.rank, sdxl.resolution, sdxl.rank) == (256, 4, 256, 4)
+    assert (sd15.batch_size, sdxl.batch_size) == (8, 2)  # still the preset's, per family
+
+
+def test_ranks_may_be_left_out_only_with_a_memory_preset(tmp_path: Path) -> None:
+    data = small_sweep_data(tmp_path)
+    del data["training"]["ranks"]
+    with pytest.raises(SpecError) as info:
+        parse_spec(data, "test.toml")
+    assert ("training: ranks is missing; allowed: a list of LoRA ranks, or leave it out and set memory_preset_gib "
+            "(the preset then picks the rank)") in str(info.value)
+    data["training"]["memory_preset_gib"] = 6
+    assert [run.rank for run in training_runs(parse_spec(data), *PATHS)] == [16]
+
+
+def test_moving_the_preset_into_the_plan_kept_every_sd15_run_id(tmp_path: Path) -> None:
+    # Pinned with the spec-level preset, before it moved to the plan.
+    assert [r.run_id for r in runs_for(tmp_path, batch_size=4, mixed_precision="bf16")] == [
+        "tiny-sd15-r2-469bd66701", "tiny-sd15-r4-4619afa820"]
+    data = small_sweep_data(tmp_path, memory_preset_gib=12)
+    for key in ("ranks", "resolution"):
+        del data["training"][key]
+    assert [r.run_id for r in training_runs(parse_spec(data), *PATHS)] == ["tiny-sd15-r32-2a42a85b48"]
