@@ -1,25 +1,30 @@
-"""Training steps/s on the tiny model at 64 px: `tasks.train.fit_lora` against a notebook loop.
+"""Training steps/s on the tiny model at 64 px: `tasks.train.fit_lora` with and without its
+encoding cache, against a notebook loop; and the encoding time with a cold and a warm disk cache.
 
-Both run the same run spec (rank, batch, optimizer) on a freshly loaded pipeline, alternating
+All run the same run spec (rank, batch, optimizer) on a freshly loaded pipeline, alternating
 repeat by repeat. Steps/s is 1 / the median step time after the warm-up steps: model loading,
-adapter creation and our one-off dataset encoding are excluded from both, and a step slowed by
-another job on a shared machine does not move the median.
+adapter creation and our one-off dataset encoding are excluded, and a step slowed by another job
+on a shared machine does not move the median. The encoding rows time `encode_training_set` alone.
 """
 
 from __future__ import annotations
 
+import shutil
 import statistics
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
 
-from bench.measure import PeakCudaMemory, PeakRss, Row, cuda_sync, rate_row, ratio_row
+from bench.measure import PeakCudaMemory, PeakRss, Row, cuda_sync, rate_row, ratio_row, timed
 from bench.naive import notebook_train
 from bench.workspace import Workspace
 from tasks.base_model import load_pipeline
-from tasks.dataset import DatasetItem, scan_dataset
+from tasks.dataset import DatasetItem, crop_sizes, scan_dataset
+from tasks.encodings import encode_training_set
 from tasks.plan import TrainingRunSpec
+from tasks.text_conditioning import text_encoders
 from tasks.train import fit_lora
 
 SUITE = "train"
@@ -33,25 +38,55 @@ def bench_training(ws: Workspace, *, warmup: int, steps: int, repeats: int) -> l
                                     "checkpoint_steps": tuple(range(warmup, warmup + steps + 1))})
     items = scan_dataset(Path(run.dataset_path), caption_extension=run.dataset.caption_extension)
     ours: list[float] = []
+    uncached: list[float] = []
     naive: list[float] = []
     memory: dict[str, list[float]] = {"ours": [], "notebook": []}
+    off = run.model_copy(update={"cache": "off", "cache_dir": None})
     for _ in range(repeats):
         seconds, mb = _measure(lambda marks: _run_ours(run, items, device, marks), run, device)
         ours.append(seconds)
         memory["ours"].append(mb)
+        seconds, _ = _measure(lambda marks: _run_ours(off, items, device, marks), off, device)
+        uncached.append(seconds)
         seconds, mb = _measure(lambda marks: _run_notebook(run, items, device, marks), run, device)
         naive.append(seconds)
         memory["notebook"].append(mb)
+    cold, warm = _encoding_times(ws, run, items, device, repeats)
     shape = f"rank {run.rank}, batch {run.batch_size}, {run.resolution} px, {steps} steps after {warmup} warm-up"
     mem_unit, mem_note = _memory_label(device)
     return [
-        rate_row(SUITE, "ours: fit_lora (latents + text cached once)", steps, ours, "steps/s", shape),
+        rate_row(SUITE, "ours: fit_lora, cache on (latents + text encoded once)", steps, ours, "steps/s", shape),
+        rate_row(SUITE, "ours: fit_lora, cache = 'off' (VAE + text encode every step)", steps, uncached, "steps/s",
+                 shape),
+        ratio_row(SUITE, "cache on / cache off steps/s", [steps / s for s in ours], [steps / s for s in uncached],
+                  "median of per-repeat ratios; steps/s = 1 / median step time"),
         rate_row(SUITE, "notebook: VAE + text encode every step", steps, naive, "steps/s", shape),
         ratio_row(SUITE, "ours / notebook steps/s", [steps / s for s in ours], [steps / s for s in naive],
                   "median of per-repeat ratios; steps/s = 1 / median step time"),
+        Row(SUITE, "encode dataset: cold disk cache", "s", tuple(cold),
+            f"{len(items)} images + captions encoded and written, weights hashed"),
+        Row(SUITE, "encode dataset: warm disk cache", "s", tuple(warm), "weights hashed, every entry read back"),
         Row("memory", "train ours: peak memory", mem_unit, tuple(memory["ours"]), mem_note),
         Row("memory", "train notebook: peak memory", mem_unit, tuple(memory["notebook"]), mem_note),
     ]
+
+
+def _encoding_times(ws: Workspace, run: TrainingRunSpec, items: list[DatasetItem], device: str,
+                    repeats: int) -> tuple[list[float], list[float]]:
+    """Seconds `encode_training_set` takes with an empty cache folder, then again with it filled."""
+    pipe = load_pipeline(run.base_model_path, config=run.base_model.config, device=device)
+    encoders, tokenizers = text_encoders(pipe)
+    sizes = crop_sizes(items, run.resolution)
+    cold: list[float] = []
+    warm: list[float] = []
+    for repeat in range(repeats):
+        folder = ws.root / "encoding-cache" / str(repeat)
+        for times in (cold, warm):
+            encode = partial(encode_training_set, items, sizes, pipe.vae, encoders, tokenizers,
+                             torch.Generator().manual_seed(0), device, mode="disk", cache_dir=str(folder))
+            times.append(timed(encode, cuda_sync))
+        shutil.rmtree(folder)
+    return cold, warm
 
 
 def _measure(train, run: TrainingRunSpec, device: str) -> tuple[float, float]:

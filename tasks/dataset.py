@@ -221,8 +221,9 @@ class DatasetSummary:
 
 
 def dataset_summary(items: list[DatasetItem], tokenizer: Any = None, *, resolution: int = 512,
-                    trigger_word: str | None = None, step: int = 64) -> DatasetSummary:
-    """Counts, repeats, sizes, buckets and (with a CLIP tokenizer) captions that would be truncated."""
+                    trigger_word: str | None = None, step: int | None = 64) -> DatasetSummary:
+    """Counts, repeats, sizes, the crop sizes training uses (aspect-ratio buckets of `step`; None:
+    all one square) and (with a CLIP tokenizer) captions that would be truncated."""
     sizes = [item.size for item in items if min(item.size) > 0]
     max_tokens = getattr(tokenizer, "model_max_length", 77) if tokenizer is not None else 77
     long = []
@@ -234,7 +235,7 @@ def dataset_summary(items: list[DatasetItem], tokenizer: Any = None, *, resoluti
         num_items=len(items), samples_per_epoch=sum(item.repeats for item in items),
         repeats=dict(Counter(item.repeats for item in items)),
         widths=_spread([w for w, _ in sizes]), heights=_spread([h for _, h in sizes]),
-        buckets=dict(Counter(assign_buckets(sizes, resolution, step))),
+        buckets=dict(Counter(crop_sizes(items, resolution, step))),
         missing_captions=sum(not item.caption for item in items),
         without_trigger=sum(bool(trigger_word) and trigger_word not in item.caption for item in items),
         long_captions=len(long),

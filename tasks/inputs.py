@@ -138,7 +138,8 @@ def _dataset(spec: SweepSpec, resolution: int) -> tuple[str, str, int, list[str]
     if problem:
         return path, "", 0, [problem]
     summary = dataset_summary(items, load_clip_tokenizer(), resolution=resolution,
-                              trigger_word=ds.trigger_word)
+                              trigger_word=ds.trigger_word,
+                              step=spec.training.bucket_step if spec.training.buckets else None)
     print(f"dataset {path} ({ds.source}):\n{summary.format()}")  # log_prints puts it in the Prefect log
     fingerprint = dataset_fingerprint(items)
     if ds.captioner and summary.missing_captions:

@@ -14,8 +14,10 @@ from bench.__main__ import main, parse_args
 from bench.runner import Options, collect
 from bench.table import RunInfo, format_table, write_results
 
-TRAIN = ["ours: fit_lora (latents + text cached once)", "notebook: VAE + text encode every step",
-         "ours / notebook steps/s"]
+TRAIN = ["ours: fit_lora, cache on (latents + text encoded once)",
+         "ours: fit_lora, cache = 'off' (VAE + text encode every step)", "cache on / cache off steps/s",
+         "notebook: VAE + text encode every step", "ours / notebook steps/s", "encode dataset: cold disk cache",
+         "encode dataset: warm disk cache"]
 RENDER = ["ours: render_job (load once, batched)", "notebook: load pipeline + LoRA per image, batch 1",
           "bare: pipe() batched, all loaded, no I/O", "ours / notebook images/s", "bare / ours images/s (our overhead)"]
 GRID = [f"render_job {k}x cells: {what}" for k in (1, 4, 16) for what in ("wall time", "images/s")] + [
