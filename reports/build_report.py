@@ -21,6 +21,7 @@ import jinja2
 from markupsafe import Markup
 
 from reports.charts import fmt, heatmaps, loss_chart
+from reports.descriptions import lora_text, options_recorded, parse_extra_loras, run_options
 from reports.grid import grid_payload, script_json
 from reports.report_data import SweepData, load_sweep
 from storage.layout import SweepLayout
@@ -147,8 +148,20 @@ def summary(data: SweepData, layout: SweepLayout) -> dict[str, Any]:
         "versions": versions,
         "report_facts": report_facts,
         "prompts": [(fmt(index), fmt(text)) for index, text in prompts],
+        "extra_loras": sweep_extra_loras(data.images),
         "spec_json": json.dumps(data.spec, indent=2, sort_keys=True, default=str) if data.spec else None,
     }
+
+
+def sweep_extra_loras(images: Sequence[dict[str, Any]]) -> list[dict[str, str]]:
+    """Each distinct extra LoRA stacked on the sweep's images, once, with how many images carry it."""
+    counts: dict[tuple[Any, ...], int] = {}
+    for row in images:
+        for lora in parse_extra_loras(row.get("extra_loras")):
+            key = (lora["name"], lora["weight"], lora["sha256"], lora["path"])
+            counts[key] = counts.get(key, 0) + 1
+    return [{"text": lora_text({"name": name, "weight": weight}), "sha256": str(sha256 or "")[:12],
+             "path": fmt(path), "images": str(n)} for (name, weight, sha256, path), n in counts.items()]
 
 
 def best_rows(data: SweepData, layout: SweepLayout) -> list[dict[str, Any]]:
@@ -185,6 +198,8 @@ def run_rows(runs: Sequence[dict[str, Any]], checkpoints: Sequence[dict[str, Any
         "base_model": fmt(run["base_model"]),
         "cells": [fmt(run[key]) for key in ("rank", "alpha", "learning_rate", "max_steps",
                                             "trainable_params", "steps_per_s", "peak_memory_mb", "wall_time_s")],
+        "options": run_options(run),
+        "options_recorded": options_recorded(run),
         "checkpoints": ", ".join(steps.get(run["run_id"], [])) or "—",
         "started_at": fmt(run["started_at"]),
     } for run in runs]

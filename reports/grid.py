@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from reports.charts import fmt
+from reports.descriptions import extra_loras_text, parse_extra_loras
 
 AXES: dict[str, str] = {
     "base_model": "base model",
@@ -83,10 +84,11 @@ def default_xy(values: dict[str, list[Any]]) -> tuple[str, str]:
 def image_record(row: dict[str, Any], positions: dict[str, dict[Any, int]], src: str,
                  metrics: list[dict[str, Any]]) -> dict[str, Any]:
     """What the browser needs for one image: its src, axis indexes, other parameters, metrics."""
+    loras = extra_loras_text(parse_extra_loras(row.get("extra_loras")))
     return {
         "src": src,
         "ax": [positions[axis][row[axis]] for axis in AXES],
-        "extra": [[name, fmt(row.get(name))] for name in EXTRA_PARAMS],
+        "extra": [["extra_loras", loras]] * bool(loras) + [[name, fmt(row.get(name))] for name in EXTRA_PARAMS],
         "metrics": metrics,
     }
 

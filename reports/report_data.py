@@ -21,7 +21,11 @@ Row = dict[str, Any]
 
 RUN_COLUMNS = """run_id, base_model, rank, alpha, learning_rate, max_steps, batch_size, resolution,
     seed, status, error, num_images, trainable_params, steps_per_s, peak_memory_mb, wall_time_s,
-    CAST(started_at AS VARCHAR) AS started_at, CAST(finished_at AS VARCHAR) AS finished_at, run_dir"""
+    CAST(started_at AS VARCHAR) AS started_at, CAST(finished_at AS VARCHAR) AS finished_at, run_dir,
+    target_preset, target_modules, lora_dropout, lr_scheduler, lr_warmup_steps, lr_cycles,
+    gradient_accumulation_steps, effective_batch_size, min_snr_gamma, noise_offset, mixed_precision,
+    gradient_checkpointing, optimizer, train_text_encoder, text_encoder_lr, validation_images,
+    memory_preset_gib, buckets, bucket_step, encoding_cache"""
 
 IMAGE_ORDER = """base_model, rank NULLS FIRST, checkpoint_step NULLS FIRST, sampler, steps,
     lora_weight, cfg_scale, prompt_index, seed, image_id"""
@@ -61,9 +65,10 @@ def open_catalog(layout: SweepLayout) -> duckdb.DuckDBPyConnection:
             con.execute(f"CREATE VIEW {table} AS {table_sql(layout, manifest, table)}")
         elif any(layout.table_dir(table).glob("*.parquet")):
             glob = layout.table_glob(table).replace("'", "''")
-            con.execute(
-                f"CREATE VIEW {table} AS SELECT * FROM read_parquet('{glob}', union_by_name = true)"
-            )
+            # BY NAME with the typed empty table: a column added after these files were written reads as NULL.
+            con.register(f"empty_{table}", schema.empty_table())
+            con.execute(f"CREATE VIEW {table} AS SELECT * FROM read_parquet('{glob}', union_by_name = true) "
+                        f"UNION ALL BY NAME SELECT * FROM empty_{table}")
         else:
             # read_parquet on an empty glob raises "No files found": an empty table reads as no rows.
             con.register(table, schema.empty_table())

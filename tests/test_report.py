@@ -31,6 +31,9 @@ WEIGHTS = (0.5, 1.0)
 SEEDS = (1, 2)
 XSS = "<script>alert(1)</script>"
 PROMPTS = ("a photo of sks cat on a red sofa", XSS)
+# Stacked on every image, ours and the baseline, as tasks.render records them.
+EXTRA_LORAS = json.dumps([{"name": "style", "path": "/loras/style.safetensors", "weight": 0.7, "sha256": "ab12" * 16},
+                          {"name": "grain", "path": "/loras/grain.safetensors", "weight": 0.5, "sha256": "cd34" * 16}])
 ERROR = "RuntimeError: CUDA out of memory.\nTried to allocate 2.00 GiB <b>not bold</b>"
 
 
@@ -53,7 +56,8 @@ def run_row(run_id: str, rank: int, status: str, error: str | None, layout: Swee
         "lr_scheduler": "constant", "lr_warmup_steps": 0, "lr_cycles": 1, "gradient_accumulation_steps": 1,
         "effective_batch_size": 1, "min_snr_gamma": None, "noise_offset": 0.0, "mixed_precision": "no",
         "gradient_checkpointing": False, "optimizer": "adamw", "train_text_encoder": False, "text_encoder_lr": None,
-        "validation_images": 0, "memory_preset_gib": None,
+        "validation_images": 0, "memory_preset_gib": None, "buckets": False, "bucket_step": None,
+        "encoding_cache": "disk",
     }
 
 
@@ -72,7 +76,7 @@ def image_row(layout: SweepLayout, n: int, render_id: str, run_id: str | None, r
         "cfg_scale": 7.5, "prompt_index": prompt_index, "prompt": PROMPTS[prompt_index],
         "negative_prompt": "", "seed": seed, "width": 32, "height": 32,
         "path": str(relative if n % 2 == 0 else layout.root / relative), "render_s": 0.27,
-        "extra_loras": None,
+        "extra_loras": EXTRA_LORAS,
     }
 
 
@@ -204,6 +208,65 @@ def test_empty_and_partial_sweeps_build(tmp_path: Path) -> None:
     assert "boom" in text and "No training loss recorded yet" in text
 
 
+def options_cells(index_html: str) -> dict[str, str]:
+    """The runs table's options cell per run id, as text."""
+    rows = re.findall(r'<tr data-run="([^"]*)"[^>]*>(.*?)</tr>', index_html, re.S)
+    cells = {run_id: re.search(r'<td class="options">(.*?)</td>', row, re.S) for run_id, row in rows}
+    return {html.unescape(run_id): html.unescape(re.sub(r"<[^>]+>", "", cell.group(1)))
+            for run_id, cell in cells.items()}
+
+
+def test_runs_table_shows_options_that_differ_from_the_defaults(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from storage.schema import RUNS
+
+    layout = SweepLayout(tmp_path / "sweep")
+    old = {k: v for k, v in run_row("run-old", 4, "completed", None, layout).items()
+           if RUNS.get_field_index(k) <= RUNS.get_field_index("run_dir")}  # the runs schema before the options
+    layout.table_dir("runs").mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist([old], schema=pa.schema([RUNS.field(n) for n in old])),
+                   layout.table_file("runs", "old"))
+    assert options_cells(build_report(layout.root).read_text(encoding="utf-8")) == {"run-old": ""}
+    tuned = {**run_row("run-tuned", 8, "completed", None, layout), "target_preset": "locon",
+             "lora_dropout": 0.1, "lr_scheduler": "cosine", "lr_warmup_steps": 10, "gradient_accumulation_steps": 4,
+             "effective_batch_size": 4, "min_snr_gamma": 5.0, "noise_offset": 0.05, "mixed_precision": "bf16",
+             "gradient_checkpointing": True, "optimizer": "adamw8bit", "train_text_encoder": True,
+             "text_encoder_lr": 5e-5, "validation_images": 2, "memory_preset_gib": 12.0, "buckets": True,
+             "bucket_step": 64, "encoding_cache": "off"}
+    own = {**run_row("run-own", 16, "completed", None, layout), "target_preset": None,
+           "target_modules": ["to_q", "conv1"], "lr_scheduler": "cosine_with_restarts", "lr_cycles": 3,
+           "encoding_cache": "memory"}
+    write_rows("runs", [run_row("run-plain", 4, "completed", None, layout), tuned, own],
+               layout.table_file("runs", "new"))
+    assert options_cells(build_report(layout.root).read_text(encoding="utf-8")) == {
+        "run-old": "",  # written before the option columns: says nothing, claims no defaults
+        "run-plain": "defaults",
+        "run-tuned": "locon · dropout 0.1 · cosine (warmup 10) · accumulation 4 (batch 4) · min-SNR 5 · "
+                     "noise offset 0.05 · bf16 · gradient checkpointing · adamw8bit · memory preset 12 GiB · "
+                     "buckets (step 64) · 2 validation images · encoding cache off · text encoder LR 5e-5",
+        "run-own": "modules to_q, conv1 · cosine_with_restarts (3 cycles)",
+    }
+
+
+def test_extra_loras_are_listed_once_and_shown_with_each_image(sweep: SweepLayout, tmp_path: Path) -> None:
+    text = build_report(sweep.root).read_text(encoding="utf-8")
+    line = re.search(r'<p class="extra-loras" id="extra-loras">(.*?)</p>', text, re.S).group(1)
+    assert re.sub(r"<[^>]+>", "", line) == "Extra LoRAs stacked on the images: + style 0.7, grain 0.5"
+    table = re.search(r'<table class="kv extra-loras">(.*?)</table>', text, re.S).group(1)
+    assert [re.findall(r"<td>(.*?)</td>", row) for row in re.findall(r"<tr>(.*?)</tr>", table, re.S)[1:]] == [
+        ["style 0.7", "<code>" + "ab12" * 3 + "</code>", "72", "/loras/style.safetensors"],
+        ["grain 0.5", "<code>" + "cd34" * 3 + "</code>", "72", "/loras/grain.safetensors"]]
+    images = grid_data(text)["images"]
+    assert all(dict(image["extra"])["extra_loras"] == "+ style 0.7, grain 0.5" for image in images)
+    plain = SweepLayout(tmp_path / "plain")
+    rows = [{**image_row(plain, 0, "render-base", None, None, None, ("euler", 0.0, 1, 0)), "extra_loras": None}]
+    write_rows("images", rows, plain.table_file("images", "render-base"))
+    text = build_report(plain.root).read_text(encoding="utf-8")
+    assert "extra-loras" not in text and "extra_loras" not in dict(grid_data(text)["images"][0]["extra"])
+
+
 def test_cli_rebuilds_report(sweep: SweepLayout, capsys: pytest.CaptureFixture[str]) -> None:
     assert reports_main([str(sweep.root)]) == 0
     assert Path(capsys.readouterr().out.strip()) == sweep.report_dir / "index.html"
@@ -251,6 +314,7 @@ def test_report_in_headless_chromium(sweep: SweepLayout, page: CDPSession, tmp_p
         page.screenshot(folder / "report.png")
     page.evaluate("document.querySelector('#grids a.thumb').click()")
     assert page.evaluate("document.getElementById('viewer').open")
+    assert page.evaluate("document.getElementById('viewer-title').textContent").endswith(" · + style 0.7, grain 0.5")
     assert "train_l2" in page.evaluate("document.getElementById('viewer-metrics').innerText")
     assert broken_images(page) == []  # the viewer's image and the metrics' reference images
     for folder in screenshot_dirs(tmp_path):

@@ -185,7 +185,8 @@
     var p = {};
     pairs.forEach(function (pair) { p[pair[0]] = pair[1]; });
     document.getElementById("viewer-title").textContent = p.base_model + " · rank " + p.rank +
-      " · step " + p.checkpoint_step + " · " + p.sampler + " · weight " + p.lora_weight + " · seed " + p.seed;
+      " · step " + p.checkpoint_step + " · " + p.sampler + " · weight " + p.lora_weight + " · seed " + p.seed +
+      (p.extra_loras ? " · " + p.extra_loras : "");
     var img = el("img");
     img.id = "viewer-img";
     img.src = image.src;
