@@ -66,10 +66,29 @@ def prepare_inputs(spec: SweepSpec) -> PreparedInputs:
 
         problems += [f"metrics.clip_model: {p}" for p in clip_folder_problems(Path(spec.metrics.clip_model))]
     for index, extra in enumerate(spec.render.extra_loras):
-        problems += [f"render.extra_loras[{index}] ({extra.name}): {p}" for p in lora_file_problems(Path(extra.path))]
+        found = lora_file_problems(Path(extra.path))
+        problems += [f"render.extra_loras[{index}] ({extra.name}): {p}" for p in found]
+        if not found:
+            problems += _lora_fit(spec, index, model_paths)
     if problems:
         raise InputError(problems)
     return PreparedInputs(model_paths, dataset_path, fingerprint, count)
+
+
+def _lora_fit(spec: SweepSpec, index: int, model_paths: dict[str, str]) -> list[str]:
+    """An extra LoRA must fit every base model it is stacked on (a single file: its config folder)."""
+    from tasks.lora_fit import lora_fit_problems
+
+    extra = spec.render.extra_loras[index]
+    problems = []
+    for number, model in enumerate(spec.base_models):
+        folder = Path(model_paths[model.name])
+        folder = folder if folder.is_dir() else Path(model.config) if model.config else None
+        if folder is None:
+            continue  # the base model's own problem is reported already
+        problems += [f"render.extra_loras[{index}] ({extra.name}) on base_models[{number}] ({model.name}): {p}"
+                     for p in lora_fit_problems(Path(extra.path), folder)]
+    return problems
 
 
 def _model_path(spec: SweepSpec, path: str, config: str | None) -> tuple[str, list[str]]:

@@ -254,3 +254,33 @@ def test_bad_extra_lora_spec_values(tmp_path: Path) -> None:
         "render.extra_loras: got [{'name': 'style', 'path': 'a.safetensors'}, "
         "{'name': 'style', 'path': 'a.safetensors'}]; "
         "extra_loras names must not repeat values; repeated: 'style'"]
+
+
+def test_an_extra_lora_of_another_model_family_is_refused_before_any_work(world, tmp_path: Path) -> None:
+    root, *_ = world
+    data = small_sweep_data(tmp_path / "out")
+    data["base_models"] = [{"name": "tiny-sd15", "path": "builtin:tiny-sd15"},
+                           {"name": "tiny-sdxl", "path": "builtin:tiny-sdxl"}]
+    data["render"]["extra_loras"] = [{"name": "style", "path": str(root / "loras" / "style.safetensors")}]
+    with pytest.raises(InputError) as info:
+        prepare_inputs(parse_spec(data))
+    (problem,) = info.value.problems  # the SD1.5 model takes it; the SDXL one does not
+    assert problem.startswith("render.extra_loras[0] (style) on base_models[1] (tiny-sdxl): ")
+    assert "32-wide text embeddings" in problem and "UNet 64" in problem
+    assert not (tmp_path / "out" / "small").exists()
+
+
+def test_lora_fit_reads_text_encoder_widths_from_both_spellings(tmp_path: Path, tiny_model_dir: Path) -> None:
+    from tasks.lora_fit import lora_fit_problems
+
+    down, up = torch.zeros(2, 32), torch.zeros(32, 2)
+    fits = {"lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": down,
+            "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight": up}
+    save_file(fits, str(tmp_path / "te.safetensors"))
+    assert lora_fit_problems(tmp_path / "te.safetensors", tiny_model_dir) == []
+    wide = {"text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(2, 48),
+            "text_encoder_2.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight": down}
+    save_file(wide, str(tmp_path / "xl.safetensors"))
+    assert lora_fit_problems(tmp_path / "xl.safetensors", tiny_model_dir) == [
+        "its text encoder layers read width 48, the model's text_encoder 32",
+        "it has second text encoder layers (an SDXL LoRA) and the model has no text_encoder_2"]
