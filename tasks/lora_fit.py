@@ -32,9 +32,9 @@ def lora_fit_problems(lora_file: Path, model_dir: Path) -> list[str]:
     model_width = unet.get("cross_attention_dim") if unet else None
     lora_width = widths.get("cross_attention")
     if model_width is not None and lora_width is not None and lora_width != model_width:
-        problems.append(f"its cross-attention layers read {lora_width}-wide text embeddings ({_family(lora_width)} "
-                        f"LoRA), the model's UNet {model_width} ({_family(model_width)}); a LoRA fits only the "
-                        "model family it was trained on")
+        problems.append(f"its cross-attention layers read {lora_width}-wide text embeddings "
+                        f"({_family(lora_width)}), the model's UNet {model_width} ({_family(model_width)}); "
+                        "a LoRA fits only the model family it was trained on")
     for part, label in (("text_encoder", "text encoder"), ("text_encoder_2", "second text encoder")):
         width = widths.get(part)
         if width is None:
@@ -80,4 +80,4 @@ def _config(model_dir: Path, component: str) -> dict | None:
 
 
 def _family(width: int) -> str:
-    return KNOWN_WIDTHS.get(width, "an unknown family")
+    return KNOWN_WIDTHS.get(width, "not a released model family's width")
