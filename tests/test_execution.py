@@ -158,6 +158,7 @@ def test_every_execution_example_in_the_scaling_docs_is_a_valid_section(tmp_path
         spec_with(tmp_path, block)
 
 
+@pytest.mark.slow  # two training runs through the flow (~85 s on 2 cores): in `make test-slow`, which CI runs too
 def test_gpu_limit_lets_one_training_run_at_a_time(prefect_harness, tmp_path: Path) -> None:
     """With the threads runner, training tasks hold a slot of a Prefect global concurrency limit;
     at 1 slot the two runs of the sweep train one after the other (without it both threads overlap)."""
