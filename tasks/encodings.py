@@ -129,14 +129,13 @@ def encode_training_set(items: list[DatasetItem], sizes: list[tuple[int, int]], 
                         tokenizers: list, generator: torch.Generator, device: str, *, mode: str,
                         cache_dir: str | None = None) -> TrainingEncodings:
     """Encode (or load from the cache) every item at its crop size; see the module docstring for `mode`."""
-    pixels = [torch.from_numpy(load_training_image(item.path, max(size), size=size).transpose(2, 0, 1))
-              for item, size in zip(items, sizes, strict=True)]
     time_ids = (torch.tensor([size_ids(item.path, max(size), size) for item, size in zip(items, sizes, strict=True)])
                 if len(encoders) == 2 else None)
     if mode == "off":
+        pixels = [_pixels(item, size) for item, size in zip(items, sizes, strict=True)]
         return TrainingEncodings(sizes, TextConditioning(None, None, time_ids), pixels=pixels)
     cache = EncodingCache(Path(cache_dir)) if mode == "disk" and cache_dir else None
-    posteriors = _posteriors(items, sizes, pixels, vae, device, cache)
+    posteriors = _posteriors(items, sizes, vae, device, cache)
     states, pooled = _text_outputs([item.caption for item in items], encoders, tokenizers, device, cache)
     if cache is not None:
         log.info("encoding cache %s: %d hits, %d encoded", cache.folder, cache.stats.hits, cache.stats.misses)
@@ -145,17 +144,24 @@ def encode_training_set(items: list[DatasetItem], sizes: list[tuple[int, int]], 
                              cache_stats=cache.stats if cache is not None else None)
 
 
-def _posteriors(items: list[DatasetItem], sizes: list[tuple[int, int]], pixels: list[torch.Tensor], vae,
-                device: str, cache: EncodingCache | None) -> list[torch.Tensor]:
-    """Each image's VAE posterior parameters (mean and log-variance, fp32, on the CPU)."""
+def _pixels(item: DatasetItem, size: tuple[int, int]) -> torch.Tensor:
+    """The image as training sees it (tasks.dataset.load_training_image): 3 x h x w in [-1, 1]."""
+    return torch.from_numpy(load_training_image(item.path, max(size), size=size).transpose(2, 0, 1))
+
+
+def _posteriors(items: list[DatasetItem], sizes: list[tuple[int, int]], vae, device: str,
+                cache: EncodingCache | None) -> list[torch.Tensor]:
+    """Each image's VAE posterior parameters (mean and log-variance, fp32, on the CPU); an image is
+    only decoded from its file when its posterior is not in the cache."""
     vae_id = weights_fingerprint(vae) if cache is not None else ""
     out = []
-    for item, size, image in zip(items, sizes, pixels, strict=True):
+    for item, size in zip(items, sizes, strict=True):
         key = _key(vae=vae_id, image=item.image_id, size=list(size), version=PREPROCESS_VERSION)
         cached = cache.load("vae", key) if cache is not None else None
         if cached is None:
             with torch.no_grad():
-                params = vae.encode(image[None].to(device, vae.dtype)).latent_dist.parameters.float().cpu()[0]
+                image = _pixels(item, size)[None].to(device, vae.dtype)
+                params = vae.encode(image).latent_dist.parameters.float().cpu()[0]
             if cache is not None:
                 cache.save("vae", key, {"posterior": params}, {"image": str(item.path), "size": list(size)})
             cached = {"posterior": params}
