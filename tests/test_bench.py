@@ -75,6 +75,7 @@ def quick_rows(tmp_path_factory: pytest.TempPathFactory):
         torch.set_num_threads(threads)
 
 
+@pytest.mark.slow  # the quick bench takes ~50 s on 2 cores: in `make test-slow`, which CI runs too
 def test_quick_run_has_every_row_with_finite_positive_figures(quick_rows) -> None:
     assert_rows(quick_rows, EXPECTED)
 
@@ -95,6 +96,7 @@ def test_reduced_demo_spec_round_trips_through_toml(tmp_path: Path) -> None:
     assert spec.output_dir == str(tmp_path / "out")
 
 
+@pytest.mark.slow
 def test_table_and_result_files_hold_every_row(quick_rows, tmp_path: Path) -> None:
     info = RunInfo.collect("quick+dry-run", "cpu")
     table = format_table(quick_rows)
