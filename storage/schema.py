@@ -105,6 +105,7 @@ IMAGES = pa.schema(
         ("render_s", pa.float64()),
         # JSON list of the LoRAs stacked on the image besides ours ([{name, path, weight, sha256}]); null: none.
         ("extra_loras", pa.string()),
+        ("precision", pa.string()),  # "fp32" | "fp16" | "bf16" the image was rendered in; null: before it was recorded
     ]
 )
 

@@ -65,6 +65,12 @@ def prepare_inputs(spec: SweepSpec) -> PreparedInputs:
         from tasks.clip_metrics import clip_folder_problems
 
         problems += [f"metrics.clip_model: {p}" for p in clip_folder_problems(Path(spec.metrics.clip_model))]
+    if spec.render.precision == "fp16" and spec.execution.runner == "threads":  # renders run in this process
+        from tasks.devices import cuda_device_count
+
+        if not cuda_device_count():
+            problems.append("render.precision = 'fp16' needs a CUDA GPU and this machine renders on the CPU; "
+                            "allowed here: 'auto' (fp32 on the CPU), 'fp32' or 'bf16'")
     for index, extra in enumerate(spec.render.extra_loras):
         found = lora_file_problems(Path(extra.path))
         problems += [f"render.extra_loras[{index}] ({extra.name}): {p}" for p in found]

@@ -111,6 +111,7 @@ class RenderJobSpec(_Frozen):
     concept_trigger: str | None  # set when the dataset is the builtin demo world: score its concept
     clip_model_path: str | None  # a local CLIP folder: adds CLIP scores
     extra_loras: tuple[ExtraLoraRef, ...] = ()  # stacked on every image of the job, the baseline's too
+    precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"  # resolved by the render task on its device
 
 
 def sweep_root(spec: SweepSpec) -> Path:
@@ -234,6 +235,8 @@ def render_jobs(
             identity = {"model": model.model_dump(), "ckpt": ckpt and ckpt.checkpoint_id, "w": weights, **grid}
             if extras:  # only when present, so jobs planned before extra LoRAs existed keep their ids
                 identity["extra_loras"] = [x.model_dump(exclude={"path"}) for x in extras]
+            if r.precision != "auto":  # likewise: "auto" jobs keep the ids they had before precision existed
+                identity["precision"] = r.precision
             tag = f"{model.name}-baseline" if ckpt is None else ckpt.checkpoint_id
             render_id = f"{tag}-{content_id(_jsonable(identity), 10)}"
             baseline_id = baseline_id or render_id
@@ -248,6 +251,7 @@ def render_jobs(
                     lora_weights=weights,
                     baseline_render_id=None if ckpt is None else baseline_id,
                     extra_loras=extras,
+                    precision=r.precision,
                     **grid,
                     **scoring,
                 )

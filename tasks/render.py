@@ -66,7 +66,25 @@ def image_id(job: RenderJobSpec, cell: Cell) -> str:
     }
     if job.extra_loras:  # only when present, so images rendered before extra LoRAs existed keep their ids
         identity["extra_loras"] = [[x.name, x.sha256, x.weight] for x in job.extra_loras]
+    if job.precision not in ("auto", "fp32"):  # fp32 images keep the ids they had before precision existed
+        identity["precision"] = job.precision
     return content_id(identity)
+
+
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def resolve_precision(precision: str, device: str) -> str:
+    """The precision a job renders in on `device`: "auto" is fp16 on CUDA and fp32 on the CPU.
+
+    fp16 on the CPU is refused (slow, and some CPU kernels lack it); bf16 runs on both.
+    """
+    if precision == "auto":
+        return "fp16" if device == "cuda" else "fp32"
+    if precision == "fp16" and device != "cuda":
+        raise ValueError("render.precision = 'fp16' needs a CUDA GPU and this machine renders on the CPU; "
+                         "allowed here: 'auto', 'fp32' or 'bf16'")
+    return precision
 
 
 def grid_cells(job: RenderJobSpec) -> list[Cell]:
@@ -85,6 +103,7 @@ def render_job(job: RenderJobSpec) -> Path:
     if table_file.exists():
         log.info("render %s: finished earlier, skipping", job.render_id)
         return table_file
+    job = job.model_copy(update={"precision": resolve_precision(job.precision, _device())})
     out_dir = layout.render_dir(job.render_id)
     out_dir.mkdir(parents=True, exist_ok=True)
     cells = grid_cells(job)
@@ -105,9 +124,15 @@ def _write_grids(job: RenderJobSpec, layout: SweepLayout, rows: list[dict[str, o
     write_grid_images([*shared, *rows], out_dir, title=title)
 
 
+def _device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def _render_missing(job: RenderJobSpec, todo: list[Cell], out_dir: Path) -> None:
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    pipe = load_pipeline(job.base_model_path, config=job.base_model.config, device=device)
+    # Half precision: weights and activations in that dtype; an SDXL VAE whose config asks for it
+    # (force_upcast) still decodes in fp32 inside diffusers' pipeline.
+    pipe = load_pipeline(job.base_model_path, config=job.base_model.config, device=_device(),
+                         torch_dtype=PRECISIONS[job.precision])
     pipe.set_progress_bar_config(disable=True)
     base_config = dict(pipe.scheduler.config)
     context = _MetadataContext.build(job)
@@ -207,4 +232,5 @@ def _image_row(job: RenderJobSpec, cell: Cell, path: Path) -> dict[str, object]:
         "seed": cell.seed, "width": job.width, "height": job.height, "path": str(path),
         "render_s": float(ours.get("render_s", 0.0)),
         "extra_loras": json.dumps([x.model_dump() for x in job.extra_loras]) if job.extra_loras else None,
+        "precision": job.precision,  # resolved by render_job: the image id holds it
     }

@@ -274,6 +274,8 @@ class RenderSpec(_Frozen):
     width: int = Field(default=512, ge=8, le=4096, multiple_of=8)
     height: int = Field(default=512, ge=8, le=4096, multiple_of=8)
     extra_loras: tuple[ExtraLoraSpec, ...] = ()
+    # Weights and activations while rendering: "auto" is fp16 on a CUDA GPU, fp32 on the CPU.
+    precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
 
     @field_validator("seeds", "steps", "lora_weights", "cfg_scales", "prompts")
     @classmethod
