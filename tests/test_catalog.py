@@ -41,7 +41,8 @@ def image_rows(render_id: str) -> list[dict[str, object]]:
     values = {"sweep_id": "sweep", "render_id": render_id, "base_model": "tiny", "run_id": None,
               "checkpoint_id": None, "rank": None, "checkpoint_step": None, "sampler": "Euler", "steps": 10,
               "lora_weight": 0.0, "cfg_scale": 7.0, "prompt_index": 0, "prompt": "p", "negative_prompt": "",
-              "seed": 0, "width": 64, "height": 64, "path": "/x.png", "render_s": 0.1, "extra_loras": None}
+              "seed": 0, "width": 64, "height": 64, "path": "/x.png", "render_s": 0.1, "extra_loras": None,
+              "precision": "fp32"}
     assert set(values) | {"image_id"} == set(IMAGES.names)
     return [{**values, "image_id": f"{render_id}-{i}"} for i in range(ROWS_PER_FILE)]
 
@@ -183,12 +184,15 @@ def test_images_written_before_the_extra_loras_column_read_it_as_null(tmp_path: 
 
     layout = SweepLayout(tmp_path / "sweep")
     write_render(layout, "new")
-    old_rows = [{k: v for k, v in row.items() if k != "extra_loras"} for row in image_rows("old")]
+    later = ("extra_loras", "precision")  # precision came after extra_loras: an old file has neither
+    old_rows = [{k: v for k, v in row.items() if k not in later} for row in image_rows("old")]
     path = layout.table_file("images", "old")
-    pq.write_table(pa.Table.from_pylist(old_rows, schema=IMAGES.remove(IMAGES.get_field_index("extra_loras"))), path)
+    old_schema = pa.schema([field for field in IMAGES if field.name not in later])
+    pq.write_table(pa.Table.from_pylist(old_rows, schema=old_schema), path)
     build_catalog(layout, Manifest("sweep", run_ids=(), render_ids=("old",)))
     with connect(layout) as con:  # only old files: the column still exists, all NULL
-        assert con.execute("SELECT count(*), count(extra_loras) FROM images").fetchone() == (ROWS_PER_FILE, 0)
+        assert con.execute("SELECT count(*), count(extra_loras), count(precision) FROM images").fetchone() == (
+            ROWS_PER_FILE, 0, 0)
         assert con.execute("SELECT count(extra_loras) FROM grid").fetchone() == (0,)
     build_catalog(layout, Manifest("sweep", run_ids=(), render_ids=("old", "new")))
     with connect(layout) as con:

@@ -76,7 +76,7 @@ def image_row(layout: SweepLayout, n: int, render_id: str, run_id: str | None, r
         "cfg_scale": 7.5, "prompt_index": prompt_index, "prompt": PROMPTS[prompt_index],
         "negative_prompt": "", "seed": seed, "width": 32, "height": 32,
         "path": str(relative if n % 2 == 0 else layout.root / relative), "render_s": 0.27,
-        "extra_loras": EXTRA_LORAS,
+        "extra_loras": EXTRA_LORAS, "precision": "fp32",
     }
 
 
