@@ -50,6 +50,7 @@ def pixels(job) -> dict[str, np.ndarray]:
     return {row["image_id"]: np.asarray(Image.open(row["path"]), dtype=np.float64) for row in rows}
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="auto renders fp16 on CUDA (the gpu test below)")
 def test_auto_renders_fp32_on_the_cpu_with_the_ids_it_had_before(world) -> None:
     _, _, jobs = world
     auto, fp32 = jobs[None][0], jobs["fp32"][0]
@@ -64,7 +65,7 @@ def test_auto_renders_fp32_on_the_cpu_with_the_ids_it_had_before(world) -> None:
 
 def test_bf16_renders_reproducibly_close_to_fp32_with_their_own_ids(world) -> None:
     _, _, jobs = world
-    fp32 = pixels(jobs[None][1])
+    fp32 = pixels(jobs["fp32"][1])
     job = jobs["bf16"][1]
     first = pixels(job)
     assert not set(first) & set(fp32)  # bf16 images are other images
@@ -111,3 +112,17 @@ def test_fp16_without_cuda_and_bad_values_are_refused_before_any_work(tmp_path: 
     data["render"]["precision"] = "half"
     with pytest.raises(SpecError, match=r"render.precision: got 'half'; .*'auto', 'fp32', 'fp16' or 'bf16'"):
         parse_spec(data)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_auto_renders_fp16_on_cuda_close_to_fp32(world) -> None:
+    _, _, jobs = world
+    auto, fp32 = jobs[None][1], jobs["fp32"][1]
+    half = pixels(auto)
+    rows = pq.read_table(SweepLayout(Path(auto.sweep_root)).table_file("images", auto.render_id)).to_pylist()
+    assert {row["precision"] for row in rows} == {"fp16"}
+    full = pixels(fp32)
+    assert not set(half) & set(full)
+    diffs = [np.abs(a - b).mean() for a, b in zip(half.values(), full.values(), strict=True)]
+    assert max(diffs) < 4, diffs
