@@ -155,7 +155,8 @@ def ensure_tiny_model(folder: Path, seed: int = 0) -> Path:
 
 
 def world_fingerprint(source: Path = WORLD_MODEL_DIR) -> str:
-    """sha256 over the committed pretrained folder's file names and bytes (a changed file changes it)."""
+    """sha256 over the committed pretrained folder's and the tokenizer asset's file names and bytes
+    (a changed file changes it)."""
     files = sorted(p for p in Path(source).rglob("*") if p.is_file())
     if not any(p.suffix == ".safetensors" for p in files) or not (Path(source) / WORLD_RECORD).is_file():
         raise FileNotFoundError(
@@ -163,8 +164,10 @@ def world_fingerprint(source: Path = WORLD_MODEL_DIR) -> str:
             f"`python -m tasks.pretrain_tiny --out {source}`"
         )
     digest = hashlib.sha256()
-    for path in files:
-        digest.update(path.relative_to(source).as_posix().encode() + b"\0")
+    named = [(p.relative_to(source).as_posix(), p) for p in files]
+    named += [(f"clip_tokenizer/{p.name}", p) for p in sorted(TOKENIZER_DIR.iterdir())]  # copied in as tokenizer/
+    for name, path in named:
+        digest.update(name.encode() + b"\0")
         digest.update(path.read_bytes())
     return digest.hexdigest()
 
@@ -183,6 +186,8 @@ def ensure_world_model(folder: Path, source: Path = WORLD_MODEL_DIR) -> Path:
 
     def copy(tmp: Path) -> None:
         shutil.copytree(source, tmp, dirs_exist_ok=True)
+        # The tokenizer is the committed CLIP asset every tiny model uses, saved as the tiny builder saves it.
+        CLIPTokenizer.from_pretrained(str(TOKENIZER_DIR)).save_pretrained(str(tmp / "tokenizer"))
         marker = {"builder": "tasks.tiny_model.ensure_world_model", "source": WORLD_MODEL_DIR.name,
                   "fingerprint": fingerprint}
         (tmp / MARKER).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
