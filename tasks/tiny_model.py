@@ -138,10 +138,12 @@ def read_marker(folder: Path) -> dict[str, object] | None:
         return None
 
 
-def is_current_build(folder: Path, seed: int) -> bool:
-    """True when the folder holds a finished build of this builder version and seed."""
+def is_current_build(folder: Path, seed: int, builder: str = "tasks.tiny_model",
+                     version: int = BUILDER_VERSION) -> bool:
+    """True when the folder holds a finished build of this builder, builder version and seed."""
     marker = read_marker(folder)
-    return marker is not None and marker.get("builder_version") == BUILDER_VERSION and marker.get("seed") == seed
+    return (marker is not None and marker.get("builder") == builder and marker.get("builder_version") == version
+            and marker.get("seed") == seed)
 
 
 def ensure_tiny_model(folder: Path, seed: int = 0) -> Path:

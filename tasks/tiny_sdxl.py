@@ -13,8 +13,8 @@ from pathlib import Path
 from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from tasks.tiny_model import (MARKER, TEXT_CONFIG, TOKENIZER_DIR, VAE_CONFIG, materialise, read_marker, save_built,
-                              seeded_models)
+from tasks.tiny_model import (MARKER, TEXT_CONFIG, TOKENIZER_DIR, VAE_CONFIG, is_current_build, materialise,
+                              save_built, seeded_models)
 
 SDXL_BUILDER_VERSION = 1
 SDXL_BUILD_ENTRIES = {"model_index.json", "unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2",
@@ -78,9 +78,5 @@ def build_tiny_sdxl(folder: Path, seed: int = 0) -> Path:
 
 def ensure_tiny_sdxl(folder: Path, seed: int = 0) -> Path:
     """Return `folder`, building it first (atomically, like ensure_tiny_model) unless it holds this build."""
-    def is_current(f: Path) -> bool:
-        marker = read_marker(f)
-        return (marker is not None and marker.get("builder") == "tasks.tiny_sdxl"
-                and marker.get("builder_version") == SDXL_BUILDER_VERSION and marker.get("seed") == seed)
-
-    return materialise(Path(folder), is_current, lambda tmp: build_tiny_sdxl(tmp, seed), SDXL_BUILD_ENTRIES)
+    return materialise(Path(folder), lambda f: is_current_build(f, seed, "tasks.tiny_sdxl", SDXL_BUILDER_VERSION),
+                       lambda tmp: build_tiny_sdxl(tmp, seed), SDXL_BUILD_ENTRIES)
