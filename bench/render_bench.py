@@ -16,6 +16,7 @@ from bench.measure import PeakCudaMemory, PeakRss, Row, cuda_sync, rate_row, rat
 from bench.naive import bare_batched_render, notebook_render
 from tasks.base_model import load_pipeline
 from tasks.checkpoint_io import DIFFUSERS_FILE
+from tasks.devices import torch_device
 from tasks.plan import RenderJobSpec
 from tasks.render import ADAPTER, grid_cells, render_job
 
@@ -25,7 +26,7 @@ SCALES = (1, 4, 16)
 
 def bench_render(job: RenderJobSpec, scratch: Path, *, repeats: int) -> list[Row]:
     """Rows: images/s of ours, the notebook loop and the bare call; ratios; peak memory."""
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch_device()
     images = len(grid_cells(job))
     bare_call = bare_batched_render(_loaded_pipeline(job, device), job)
     bare_call()  # first-call costs (allocations, lazy imports) would otherwise land on one variant

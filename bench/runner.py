@@ -11,6 +11,7 @@ from pathlib import Path
 
 from bench.measure import Row
 from bench.table import RunInfo, format_table, write_results
+from tasks.devices import torch_device
 
 CPU_SUITES = ("train", "render", "grid", "flow")
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -124,7 +125,7 @@ def run_and_report(options: Options) -> list[Row]:
     if options.threads:
         torch.set_num_threads(options.threads)
         os.environ["OMP_NUM_THREADS"] = str(options.threads)  # the flow's training child processes too
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch_device()
     info = RunInfo.collect(options.mode, device)
     with tempfile.TemporaryDirectory(prefix="lora-sweep-bench-") as scratch:
         rows = collect(options, Path(scratch))

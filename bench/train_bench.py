@@ -22,6 +22,7 @@ from bench.naive import notebook_train
 from bench.workspace import Workspace
 from tasks.base_model import load_pipeline
 from tasks.dataset import DatasetItem, crop_sizes, scan_dataset
+from tasks.devices import torch_device
 from tasks.encodings import encode_training_set
 from tasks.plan import TrainingRunSpec
 from tasks.text_conditioning import text_encoders
@@ -32,7 +33,7 @@ SUITE = "train"
 
 def bench_training(ws: Workspace, *, warmup: int, steps: int, repeats: int) -> list[Row]:
     """Rows: steps/s of ours and of the notebook loop, their ratio, and each one's peak memory."""
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch_device()
     # fit_lora calls on_checkpoint at every checkpoint step: make every step one to read the clock.
     run = ws.run.model_copy(update={"max_steps": warmup + steps,
                                     "checkpoint_steps": tuple(range(warmup, warmup + steps + 1))})

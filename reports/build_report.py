@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import tempfile
 from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
@@ -24,6 +23,7 @@ from reports.charts import fmt, heatmaps, loss_chart
 from reports.descriptions import lora_text, options_recorded, parse_extra_loras, run_options
 from reports.grid import grid_payload, script_json
 from reports.report_data import SweepData, load_sweep
+from storage.atomic import write_atomic
 from storage.layout import SweepLayout
 from storage.schema import SCHEMA_VERSION
 
@@ -42,23 +42,10 @@ def build_report(sweep_root: Path) -> Path:
     out = layout.report_dir
     out.mkdir(parents=True, exist_ok=True)
     for name in STATIC_FILES:  # assets first, so index.html never points at a missing file
-        write_atomic(out / name, (STATIC_DIR / name).read_bytes())
-    return write_atomic(out / "index.html", html.encode("utf-8"))
+        write_atomic(out / name, (STATIC_DIR / name).read_bytes(), fsync=True)
+    return write_atomic(out / "index.html", html.encode("utf-8"), fsync=True)
 
 
-def write_atomic(path: Path, data: bytes) -> Path:
-    """Write to a temp file beside `path`, then os.replace it into place."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def render_html(context: dict[str, Any]) -> str:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -11,6 +9,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from storage.atomic import atomic_file
 from storage.schema import SCHEMA_VERSION, TABLES
 
 
@@ -35,17 +34,9 @@ def write_rows(table: str, rows: Sequence[Mapping[str, Any]], path: Path) -> Pat
 
 
 def write_table_atomic(data: pa.Table, path: Path) -> Path:
-    """Write to a temp file in the same folder, fsync, then os.replace into place."""
+    """Write through storage.atomic.atomic_file, fsynced before the rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            pq.write_table(data, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path, fsync=True) as handle:
+        pq.write_table(data, handle)
     return path

@@ -25,6 +25,7 @@ import torch
 from PIL import Image
 from transformers import CLIPImageProcessor, CLIPModel, CLIPTokenizer
 
+from tasks.devices import torch_device
 from tasks.metrics import METRICS, MetricValue, as_rgb_uint8
 
 TEXT_IMAGE_METRIC = "clip_text_image_score"  # higher is better: the image shows its prompt
@@ -92,7 +93,7 @@ class ClipScorer:
         model = CLIPModel.from_pretrained(str(folder), local_files_only=True, use_safetensors=True)
         tokenizer = CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
         processor = CLIPImageProcessor.from_pretrained(str(folder), local_files_only=True)
-        chosen = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        chosen = torch.device(device or torch_device())
         return cls(model, tokenizer, processor, str(folder), chosen)
 
     @torch.no_grad()

@@ -156,13 +156,14 @@ def crop_sizes(items: list[DatasetItem], resolution: int, bucket_step: int | Non
     its aspect-ratio bucket (assign_buckets)."""
     if bucket_step is None:
         return [(resolution, resolution)] * len(items)
-    return assign_buckets([item.size if min(item.size) > 0 else image_size(item.path) for item in items],
-                          resolution, bucket_step)
+    return assign_buckets([item_size(item) for item in items], resolution, bucket_step)
 
 
-def image_size(path: Path) -> tuple[int, int]:
-    """(width, height) after EXIF rotation."""
-    with Image.open(path) as img:
+def item_size(item: DatasetItem) -> tuple[int, int]:
+    """(width, height) after EXIF rotation: as scanned, or read from the file when the item lacks it."""
+    if min(item.size) > 0:
+        return item.size
+    with Image.open(item.path) as img:
         return ImageOps.exif_transpose(img).size
 
 

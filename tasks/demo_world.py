@@ -10,8 +10,6 @@ from __future__ import annotations
 import io
 import json
 import math
-import os
-import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -19,6 +17,8 @@ from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from storage.atomic import write_atomic
 
 SHAPES = ("circle", "square", "triangle", "star", "cross")
 PALETTE: dict[str, tuple[int, int, int]] = {
@@ -273,11 +273,11 @@ def _write_dataset(folder: Path, params: dict[str, Any], samples: Callable[[], I
     rows = []
     for i, (image, caption, attributes) in enumerate(samples()):
         stem = f"{i:0{width}d}"
-        _write_atomic(folder / f"{stem}.png", _png_bytes(image))
-        _write_atomic(folder / f"{stem}.txt", caption.encode())
+        write_atomic(folder / f"{stem}.png", _png_bytes(image))
+        write_atomic(folder / f"{stem}.txt", caption.encode())
         rows.append({"image": f"{stem}.png", "caption": caption, "attributes": attributes})
     manifest = {"params": params, "samples": rows}
-    _write_atomic(folder / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True).encode())
+    write_atomic(folder / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True).encode())
     return folder
 
 
@@ -308,13 +308,3 @@ def _png_bytes(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write via a temp file in the same folder and os.replace, so readers never see partial files."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -3,6 +3,13 @@
 from __future__ import annotations
 
 
+def torch_device() -> str:
+    """Where training and rendering run: "cuda" when torch sees a GPU, else "cpu"."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def cuda_device_count() -> int:
     """CUDA devices visible here (respects CUDA_VISIBLE_DEVICES); 0 without CUDA."""
     import torch

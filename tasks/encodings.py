@@ -17,17 +17,17 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
-from tasks.dataset import DatasetItem, load_training_image
+from storage.atomic import write_atomic
+from tasks.dataset import DatasetItem, item_size, load_training_image
+from tasks.spec import content_id
 from tasks.text_conditioning import TextConditioning, caption_tokens, encode_captions, size_ids
 
 log = logging.getLogger(__name__)
@@ -71,15 +71,9 @@ class EncodingCache:
     def save(self, kind: str, key: str, tensors: dict[str, torch.Tensor], about: dict[str, object]) -> None:
         file = self.path(kind, key)
         file.parent.mkdir(parents=True, exist_ok=True)
-        handle, tmp = tempfile.mkstemp(prefix=f".{file.stem}.", suffix=".tmp", dir=file.parent)
-        os.close(handle)
-        try:
-            save_file({k: v.contiguous() for k, v in tensors.items()}, tmp,
-                      metadata={k: json.dumps(v) for k, v in about.items()})
-            os.replace(tmp, file)  # concurrent writers of one key write the same bytes; the last one wins
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        # Concurrent writers of one key write the same bytes; the last rename wins.
+        write_atomic(file, save({k: v.contiguous() for k, v in tensors.items()},
+                                metadata={k: json.dumps(v) for k, v in about.items()}))
 
 
 def weights_fingerprint(*modules: torch.nn.Module) -> str:
@@ -91,10 +85,6 @@ def weights_fingerprint(*modules: torch.nn.Module) -> str:
             digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
             digest.update(tensor.view(torch.uint8).numpy())  # the buffer itself: no copy
     return digest.hexdigest()
-
-
-def _key(**parts: object) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
 @dataclass
@@ -129,7 +119,7 @@ def encode_training_set(items: list[DatasetItem], sizes: list[tuple[int, int]], 
                         tokenizers: list, generator: torch.Generator, device: str, *, mode: str,
                         cache_dir: str | None = None) -> TrainingEncodings:
     """Encode (or load from the cache) every item at its crop size; see the module docstring for `mode`."""
-    time_ids = (torch.tensor([size_ids(item.path, max(size), size) for item, size in zip(items, sizes, strict=True)])
+    time_ids = (torch.tensor([size_ids(item_size(item), max(size), size) for item, size in zip(items, sizes, strict=True)])
                 if len(encoders) == 2 else None)
     if mode == "off":
         pixels = [_pixels(item, size) for item, size in zip(items, sizes, strict=True)]
@@ -156,7 +146,7 @@ def _posteriors(items: list[DatasetItem], sizes: list[tuple[int, int]], vae, dev
     vae_id = weights_fingerprint(vae) if cache is not None else ""
     out = []
     for item, size in zip(items, sizes, strict=True):
-        key = _key(vae=vae_id, image=item.image_id, size=list(size), version=PREPROCESS_VERSION)
+        key = content_id({"vae": vae_id, "image": item.image_id, "size": size, "version": PREPROCESS_VERSION}, 64)
         cached = cache.load("vae", key) if cache is not None else None
         if cached is None:
             with torch.no_grad():
@@ -176,7 +166,7 @@ def _text_outputs(captions: list[str], encoders: list, tokenizers: list, device:
     states, pooled = [], []
     for caption in captions:
         tokens = [ids.tolist() for ids in caption_tokens(caption, tokenizers)]
-        key = _key(encoders=encoders_id, tokens=tokens)
+        key = content_id({"encoders": encoders_id, "tokens": tokens}, 64)
         cached = cache.load("text", key) if cache is not None else None
         if cached is None:
             hidden, pool = encode_captions([caption], encoders, tokenizers, device)

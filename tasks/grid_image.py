@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
-import tempfile
 import unicodedata
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -20,6 +18,7 @@ from typing import Any
 from PIL import Image, ImageDraw, ImageFont
 from PIL.PngImagePlugin import PngInfo
 
+from storage.atomic import atomic_file
 from tasks.spec import content_id
 
 GRID_KEY = "lora_sweep_grid"
@@ -369,14 +368,8 @@ def read_grid_metadata(path: str | Path) -> dict[str, Any]:
 def _save_atomic(image: Image.Image, path: Path, metadata: Mapping[str, Any]) -> None:
     info = PngInfo()
     info.add_text(GRID_KEY, json.dumps(metadata, sort_keys=True, ensure_ascii=False, default=str))
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            image.save(handle, format="PNG", pnginfo=info)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as handle:
+        image.save(handle, format="PNG", pnginfo=info)
 
 
 def write_grid_images(

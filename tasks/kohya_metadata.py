@@ -23,8 +23,8 @@ from typing import BinaryIO
 import safetensors.torch
 import torch
 
-from tasks.base_model import legacy_model_hash, model_sha256
-from tasks.dataset import DatasetItem, crop_sizes, image_size
+from tasks.base_model import HASH_CHUNK, LEGACY_HASH_LENGTH, LEGACY_HASH_OFFSET, legacy_model_hash, model_sha256
+from tasks.dataset import DatasetItem, crop_sizes, item_size
 from tasks.plan import TrainingRunSpec
 from tasks.spec import DatasetSpec
 from tasks.training_presets import RESNET_CONV
@@ -35,8 +35,6 @@ ARCHITECTURES = {"sd15": "stable-diffusion-v1/lora", "sdxl": "stable-diffusion-x
 OPTIMIZER_NAMES = {"adamw": "torch.optim.AdamW(weight_decay=0.01)",
                    "adamw8bit": "bitsandbytes.optim.AdamW8bit(weight_decay=0.01)"}
 A1111_SHORT_HASH = 12  # digits A1111's Lora extension shows (network.py: shorthash = hash[0:12])
-LEGACY_OFFSET, LEGACY_LENGTH = 0x100000, 0x10000
-HASH_CHUNK = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -87,8 +85,8 @@ def addnet_hash(stream: BinaryIO) -> str:
 def addnet_legacy_hash(stream: BinaryIO) -> str:
     """The additional-networks extension's old hash: 8 hex of sha256 of 0x10000 bytes at offset 0x100000
     (of nothing, for files under 1 MiB: A1111 hashes the same empty read)."""
-    stream.seek(LEGACY_OFFSET)
-    return hashlib.sha256(stream.read(LEGACY_LENGTH)).hexdigest()[:8]
+    stream.seek(LEGACY_HASH_OFFSET)
+    return hashlib.sha256(stream.read(LEGACY_HASH_LENGTH)).hexdigest()[:8]
 
 
 def lora_short_hash(path: str | Path) -> str:
@@ -210,9 +208,8 @@ def _dataset_fields(run: TrainingRunSpec, step: int, facts: TrainingFacts) -> di
 def bucket_info(run: TrainingRunSpec, items: tuple[DatasetItem, ...]) -> dict[str, object]:
     """kohya's `ss_bucket_info`: each bucket's resolution (w, h) and image count, and the mean
     difference between an image's aspect ratio and its bucket's."""
-    sizes = [item.size if min(item.size) > 0 else image_size(item.path) for item in items]
     buckets = crop_sizes(list(items), run.resolution, run.bucket_step)
-    counts = Counter(buckets)
-    error = sum(abs(w / h - bw / bh) for (w, h), (bw, bh) in zip(sizes, buckets, strict=True)) / len(items)
-    return {"buckets": {str(i): {"resolution": list(size), "count": n} for i, (size, n) in enumerate(sorted(counts.items()))},
-            "mean_img_ar_error": error}
+    error = sum(abs(w / h - bw / bh) for (w, h), (bw, bh) in zip(map(item_size, items), buckets, strict=True))
+    counts = sorted(Counter(buckets).items())
+    return {"buckets": {str(i): {"resolution": list(size), "count": n} for i, (size, n) in enumerate(counts)},
+            "mean_img_ar_error": error / len(items)}

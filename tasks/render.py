@@ -13,8 +13,6 @@ from __future__ import annotations
 import itertools
 import json
 import logging
-import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,10 +22,12 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from storage.atomic import atomic_file
 from storage.layout import SweepLayout
 from storage.parquet_io import write_rows
 from tasks.base_model import MODEL_BUILD_LOCK, load_pipeline, model_hash
 from tasks.checkpoint_io import DIFFUSERS_FILE
+from tasks.devices import torch_device
 from tasks.grid_image import job_title, write_grid_images
 from tasks.kohya_metadata import lora_short_hash
 from tasks.png_metadata import ImageParameters, png_info, read_png_parameters
@@ -103,7 +103,7 @@ def render_job(job: RenderJobSpec) -> Path:
     if table_file.exists():
         log.info("render %s: finished earlier, skipping", job.render_id)
         return table_file
-    job = job.model_copy(update={"precision": resolve_precision(job.precision, _device())})
+    job = job.model_copy(update={"precision": resolve_precision(job.precision, torch_device())})
     out_dir = layout.render_dir(job.render_id)
     out_dir.mkdir(parents=True, exist_ok=True)
     cells = grid_cells(job)
@@ -124,14 +124,10 @@ def _write_grids(job: RenderJobSpec, layout: SweepLayout, rows: list[dict[str, o
     write_grid_images([*shared, *rows], out_dir, title=title)
 
 
-def _device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def _render_missing(job: RenderJobSpec, todo: list[Cell], out_dir: Path) -> None:
     # Half precision: weights and activations in that dtype; an SDXL VAE whose config asks for it
     # (force_upcast) still decodes in fp32 inside diffusers' pipeline.
-    pipe = load_pipeline(job.base_model_path, config=job.base_model.config, device=_device(),
+    pipe = load_pipeline(job.base_model_path, config=job.base_model.config, device=torch_device(),
                          torch_dtype=PRECISIONS[job.precision])
     pipe.set_progress_bar_config(disable=True)
     base_config = dict(pipe.scheduler.config)
@@ -209,14 +205,8 @@ class _MetadataContext:
 
 
 def _save_png(image: Image.Image, path: Path, params: ImageParameters, ids: dict[str, object]) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            image.save(handle, format="PNG", pnginfo=png_info(params, ids))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as handle:
+        image.save(handle, format="PNG", pnginfo=png_info(params, ids))
 
 
 def _image_row(job: RenderJobSpec, cell: Cell, path: Path) -> dict[str, object]:

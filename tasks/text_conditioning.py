@@ -9,10 +9,8 @@ as diffusers' StableDiffusionXLPipeline builds them at render time.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
-from PIL import Image, ImageOps
 
 
 @dataclass(frozen=True)
@@ -68,13 +66,12 @@ def _tokens(captions: list[str], tokenizer) -> torch.Tensor:
                      return_tensors="pt").input_ids
 
 
-def size_ids(path: Path, resolution: int, size: tuple[int, int] | None = None) -> list[float]:
-    """SDXL's six size ids for an image as tasks.dataset.load_training_image crops it (centre crop to
-    `size` (w, h), default a square of `resolution`, resized): original (h, w), the crop's top-left
-    in the resized image, target (h, w)."""
+def size_ids(original: tuple[int, int], resolution: int, size: tuple[int, int] | None = None) -> list[float]:
+    """SDXL's six size ids for an image of `original` (w, h) as tasks.dataset.load_training_image crops
+    it (centre crop to `size` (w, h), default a square of `resolution`, resized): original (h, w), the
+    crop's top-left in the resized image, target (h, w)."""
     target_w, target_h = size or (resolution, resolution)
-    with Image.open(path) as img:
-        width, height = ImageOps.exif_transpose(img).size
+    width, height = original
     scale = max(target_w / width, target_h / height)
     top, left = round((height * scale - target_h) / 2), round((width * scale - target_w) / 2)
     return [float(height), float(width), float(top), float(left), float(target_h), float(target_w)]

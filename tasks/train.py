@@ -39,9 +39,10 @@ from tasks.captions import load_captioner, training_caption
 from tasks.checkpoint_io import DIFFUSERS_FILE, checkpoint_complete, load_training_state, save_checkpoint
 from tasks.dataset import DatasetItem, crop_sizes
 from tasks.dataset_sources import load_items
+from tasks.devices import torch_device
+from tasks.encodings import encode_training_set
 from tasks.kohya_metadata import TrainingFacts
 from tasks.plan import CheckpointRef, TrainingRunSpec, checkpoint_id
-from tasks.encodings import encode_training_set
 from tasks.text_conditioning import encode_captions, text_encoders
 from tasks.train_options import (check_training_support, diffusion_loss, log_memory_preset, loop_state,
                                  make_optimizer, restore_loop_state, sample_noise)
@@ -80,7 +81,7 @@ def train_lora(run: TrainingRunSpec) -> TrainingResult:
 
 
 def _train(run: TrainingRunSpec, layout: SweepLayout, started: datetime) -> dict[str, float]:
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch_device()
     check_training_support(run, device)
     family = model_family(run.base_model_path, run.base_model.config)
     log_memory_preset(run)

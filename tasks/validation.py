@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
 
-from tasks.dataset import DatasetItem, training_images
+from tasks.dataset import DatasetItem, item_size, training_images
 from tasks.text_conditioning import TextConditioning, encode_captions, size_ids, text_encoders
 
 VALIDATION_TIMESTEPS = (100, 300, 500, 700, 900)
@@ -57,7 +57,7 @@ def prepare_validation(pipe, items: list[DatasetItem], resolution: int, seed: in
     generator = torch.Generator().manual_seed(seed + NOISE_SEED_OFFSET)
     noise = torch.randn((len(VALIDATION_TIMESTEPS), *latents.shape), generator=generator)
     sdxl = len(text_encoders(pipe)[0]) == 2
-    time_ids = torch.tensor([size_ids(item.path, resolution) for item in items]) if sdxl else None
+    time_ids = torch.tensor([size_ids(item_size(item), resolution) for item in items]) if sdxl else None
     return ValidationSet(latents, noise, tuple(item.caption for item in items), time_ids)
 
 

@@ -13,7 +13,7 @@ from peft.utils import get_peft_model_state_dict
 from PIL import Image
 
 from tasks.base_model import load_pipeline
-from tasks.dataset import DatasetItem, crop_sizes, scan_dataset
+from tasks.dataset import DatasetItem, crop_sizes, item_size, scan_dataset
 from tasks.encodings import encode_training_set, weights_fingerprint
 from tasks.inputs import InputError, prepare_inputs
 from tasks.plan import TrainingRunSpec, training_runs
@@ -216,8 +216,9 @@ def test_sdxl_size_ids_describe_the_bucket_crop(mixed_folder, tmp_path):
     wide = tmp_path / "wide.png"
     Image.new("RGB", (160, 80)).save(wide)
     # Covered at scale max(80/160, 48/80) = 0.6: 96 x 48, cropped 8 px from the left.
-    assert size_ids(wide, 64, (80, 48)) == [80.0, 160.0, 0.0, 8.0, 48.0, 80.0]
-    assert size_ids(wide, 64) == [80.0, 160.0, 0.0, 32.0, 64.0, 64.0]  # the square crop, as before
+    item = DatasetItem("wide", wide, "zqx")  # no size recorded: read from the file
+    assert size_ids(item_size(item), 64, (80, 48)) == [80.0, 160.0, 0.0, 8.0, 48.0, 80.0]
+    assert size_ids(item_size(item), 64) == [80.0, 160.0, 0.0, 32.0, 64.0, 64.0]  # the square crop, as before
 
 
 def test_a_bucketed_run_records_its_buckets_in_kohya_metadata_and_the_runs_table(world, mixed_folder):

@@ -4,7 +4,6 @@ the LoRA and the base model, the dataset counts kohya writes, and the runs row's
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import math
 from pathlib import Path

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import duckdb
 import pyarrow.parquet as pq
-import pytest
 from safetensors.torch import load_file, save_file
 
 from tests.conftest import small_sweep_data, write_spec
