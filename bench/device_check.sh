@@ -26,7 +26,7 @@ declare -A variants=(
 )
 for v in "${!variants[@]}"; do
   # shellcheck disable=SC2086
-  timeout "$PRETRAIN_S" python3 -m tasks.pretrain_tiny --out "/tmp/world-$v" "${common[@]}" ${variants[$v]} \
+  timeout "$PRETRAIN_S" python3 -m tasks.models.pretrain_tiny --out "/tmp/world-$v" "${common[@]}" ${variants[$v]} \
     > "/tmp/pretrain-$v.log" 2>&1 &
 done
 wait

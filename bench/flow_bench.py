@@ -45,7 +45,7 @@ def bench_flow(scratch: Path, *, quick: bool, harness: bool = True, import_repea
         ratio_row(SUITE, "flow wall / compute", [wall], [train_s + render_s],
                   "< 1 when the 2 task threads overlap compute; rest: child start, loads, scoring, report"),
         Row(SUITE, "re-run of the finished sweep (all skipped)", "s", (rerun,), "pure orchestration"),
-        Row(SUITE, "child process start: python -c 'import tasks.train'", "s",
+        Row(SUITE, "child process start: python -c 'import tasks.train.run'", "s",
             tuple(_import_seconds() for _ in range(import_repeats)), "paid once per training run"),
         Row("memory", "flow peak memory (process + children)", "MiB", (rss.peak_mb,), "process RSS, psutil"),
     ]
@@ -109,8 +109,8 @@ def compute_totals(sweep_root: Path) -> tuple[float, float, int, int]:
 
 
 def _prebuild_inputs(spec_path: Path) -> None:
-    from tasks.inputs import prepare_inputs
-    from tasks.spec import load_spec
+    from tasks.preflight import prepare_inputs
+    from tasks.sweep.load import load_spec
 
     with contextlib.redirect_stdout(sys.stderr):  # its dataset summary would land inside the table
         prepare_inputs(load_spec(spec_path))
@@ -150,5 +150,5 @@ def _harness(start: bool) -> Iterator[None]:
 def _import_seconds() -> float:
     """Wall time of a fresh interpreter importing the training module, as each training child does."""
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-c", "import tasks.train"], cwd=REPO, check=True, capture_output=True)
+    subprocess.run([sys.executable, "-c", "import tasks.train.run"], cwd=REPO, check=True, capture_output=True)
     return time.perf_counter() - start

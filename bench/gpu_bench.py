@@ -76,7 +76,7 @@ def _render_rows(case: UNetCase, s: GpuSettings) -> list[Row]:
         its["fp16 SDPA torch.compile b1"] = _compiled_its(unet, one, s)
     unet.to(dtype=torch.bfloat16)
     its["bf16 SDPA b1"] = _its(unet, case.inputs(1, s.device, torch.bfloat16), 1, s)
-    unet.to(dtype=torch.float32)  # what tasks.render.render_job loads today (load_pipeline's default)
+    unet.to(dtype=torch.float32)  # what tasks.render.job.render_job loads today (load_pipeline's default)
     its["fp32 SDPA b1"] = _its(unet, case.inputs(1, s.device, torch.float32), 1, s)
     del unet
     rows = [Row(SUITE, f"{case.label} render {name}", "it/s", samples, _what(case, s)) for name, samples in its.items()]
@@ -105,7 +105,7 @@ def _compiled_its(unet, inputs: dict, s: GpuSettings) -> tuple[float, ...]:
 
 
 def _train_rows(case: UNetCase, s: GpuSettings) -> list[Row]:
-    """LoRA training it/s with bf16 autocast (bf16 base weights) and in fp32, as tasks.train.fit_lora runs today."""
+    """LoRA training it/s with bf16 autocast (bf16 base weights) and in fp32, as tasks.train.run.fit_lora runs today."""
     rows: list[Row] = []
     for mixed in (True, False):
         precision = "bf16 autocast" if mixed else "fp32"

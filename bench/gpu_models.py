@@ -5,7 +5,6 @@ toy versions of the same architectures for dry runs on CPU, FLOP counting and ca
 from __future__ import annotations
 
 import contextlib
-
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,7 +26,7 @@ SDXL_CONFIG: dict[str, Any] = {  # stabilityai/stable-diffusion-xl-base-1.0 unet
     "addition_time_embed_dim": 256,
     "projection_class_embeddings_input_dim": 2816,
 }
-TOY_SD15_CONFIG: dict[str, Any] = {  # same block kinds as tasks.tiny_model, for --gpu-dry-run
+TOY_SD15_CONFIG: dict[str, Any] = {  # same block kinds as tasks.models.tiny_sd15, for --gpu-dry-run
     "sample_size": 8, "block_out_channels": (32, 64), "layers_per_block": 1, "cross_attention_dim": 32,
     "attention_head_dim": 4, "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
     "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"),

@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler, StableDiffusionPipeline
 from peft import LoraConfig
 
-from tasks.dataset import DatasetItem, load_training_image
-from tasks.plan import RenderJobSpec, TrainingRunSpec
+from tasks.data.dataset import DatasetItem, load_training_image
+from tasks.sweep.plan import RenderJobSpec, TrainingRunSpec
 
 NOTEBOOK_ADAPTER = "notebook"
 
@@ -25,7 +25,7 @@ def notebook_train(pipe: StableDiffusionPipeline, run: TrainingRunSpec, items: l
     """A diffusers-tutorial LoRA loop: same model, optimizer and sampling as ours, encoders run every step.
 
     Pixels and token ids are prepared once (as a DataLoader would hand them over); only the
-    frozen encoders' per-step work differs from `tasks.train.fit_lora`.
+    frozen encoders' per-step work differs from `tasks.train.run.fit_lora`.
     """
     torch.manual_seed(run.seed)
     unet, vae, text_encoder = pipe.unet, pipe.vae, pipe.text_encoder
@@ -61,9 +61,9 @@ def notebook_train(pipe: StableDiffusionPipeline, run: TrainingRunSpec, items: l
 
 def notebook_render(job: RenderJobSpec, out_dir: Path, device: str) -> int:
     """Render the job's grid one image at a time, loading the pipeline and the LoRA for each image."""
-    from tasks.checkpoint_io import DIFFUSERS_FILE
-    from tasks.render import grid_cells
-    from tasks.samplers import make_scheduler
+    from tasks.lora.files import DIFFUSERS_FILE
+    from tasks.render.samplers import make_scheduler
+    from tasks.sweep.plan import grid_cells
 
     if job.checkpoint is None:
         raise ValueError(f"render {job.render_id}: the notebook baseline needs a LoRA checkpoint")
@@ -89,8 +89,8 @@ def bare_batched_render(pipe: StableDiffusionPipeline, job: RenderJobSpec) -> Ca
 
     Returns the call to time (it returns the image count); what `render_job` adds on top is our overhead.
     """
-    from tasks.render import grid_cells
-    from tasks.samplers import make_scheduler
+    from tasks.render.samplers import make_scheduler
+    from tasks.sweep.plan import grid_cells
 
     cells = grid_cells(job)
     groups: dict[tuple, list] = {}

@@ -1,4 +1,4 @@
-"""Grid images/s: `tasks.render.render_job` against a notebook loop and one bare batched call.
+"""Grid images/s: `tasks.render.job.render_job` against a notebook loop and one bare batched call.
 
 Ours loads the pipeline and the LoRA once and renders prompts x seeds in batches; the notebook
 loads both again for every image and renders at batch 1; the bare call is diffusers alone with
@@ -14,11 +14,11 @@ import torch
 
 from bench.measure import PeakCudaMemory, PeakRss, Row, cuda_sync, rate_row, ratio_row, timed
 from bench.naive import bare_batched_render, notebook_render
-from tasks.base_model import load_pipeline
-from tasks.checkpoint_io import DIFFUSERS_FILE
-from tasks.devices import torch_device
-from tasks.plan import RenderJobSpec
-from tasks.render import ADAPTER, grid_cells, render_job
+from tasks.lora.files import DIFFUSERS_FILE
+from tasks.models.base_model import load_pipeline
+from tasks.render.job import ADAPTER, render_job
+from tasks.sweep.devices import torch_device
+from tasks.sweep.plan import RenderJobSpec, grid_cells
 
 SUITE = "render"
 SCALES = (1, 4, 16)

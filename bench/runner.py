@@ -11,7 +11,7 @@ from pathlib import Path
 
 from bench.measure import Row
 from bench.table import RunInfo, format_table, write_results
-from tasks.devices import torch_device
+from tasks.sweep.devices import torch_device
 
 CPU_SUITES = ("train", "render", "grid", "flow")
 RESULTS_DIR = Path(__file__).resolve().parent / "results"

@@ -40,7 +40,7 @@ class RunInfo:
         return cls(datetime.now(timezone.utc), mode, device, name, torch.get_num_threads(), os.getloadavg())
 
     def header(self) -> list[str]:
-        from tasks.provenance import git_sha, package_versions
+        from tasks.sweep.provenance import git_sha, package_versions
 
         v = package_versions()
         load_end = os.getloadavg()
@@ -71,7 +71,7 @@ def markdown_table(rows: list[Row], info: RunInfo) -> str:
 
 def write_results(rows: list[Row], info: RunInfo, out_dir: Path) -> tuple[Path, Path]:
     """Write `<timestamp>.parquet` (one row per figure) and `latest.md`; return both paths."""
-    from tasks.provenance import git_sha, package_versions
+    from tasks.sweep.provenance import git_sha, package_versions
 
     out_dir.mkdir(parents=True, exist_ok=True)
     shared = {"run_at": info.started, "mode": info.mode, "device": info.device, "device_name": info.device_name,

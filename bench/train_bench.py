@@ -1,4 +1,4 @@
-"""Training steps/s on the tiny model at 64 px: `tasks.train.fit_lora` with and without its
+"""Training steps/s on the tiny model at 64 px: `tasks.train.run.fit_lora` with and without its
 encoding cache, against a notebook loop; and the encoding time with a cold and a warm disk cache.
 
 All run the same run spec (rank, batch, optimizer) on a freshly loaded pipeline, alternating
@@ -20,13 +20,13 @@ import torch
 from bench.measure import PeakCudaMemory, PeakRss, Row, cuda_sync, rate_row, ratio_row, timed
 from bench.naive import notebook_train
 from bench.workspace import Workspace
-from tasks.base_model import load_pipeline
-from tasks.dataset import DatasetItem, crop_sizes, scan_dataset
-from tasks.devices import torch_device
-from tasks.encodings import encode_training_set
-from tasks.plan import TrainingRunSpec
-from tasks.text_conditioning import text_encoders
-from tasks.train import fit_lora
+from tasks.data.dataset import DatasetItem, crop_sizes, scan_dataset
+from tasks.models.base_model import load_pipeline
+from tasks.models.text_conditioning import text_encoders
+from tasks.sweep.devices import torch_device
+from tasks.sweep.plan import TrainingRunSpec
+from tasks.train.encodings import encode_training_set
+from tasks.train.loop import fit_lora
 
 SUITE = "train"
 
@@ -108,7 +108,7 @@ def _mark(marks: dict[int, float], step: int, run: TrainingRunSpec) -> None:
 
 def _run_ours(run: TrainingRunSpec, items: list[DatasetItem], device: str, marks: dict[int, float]) -> None:
     pipe = load_pipeline(run.base_model_path, config=run.base_model.config, device=device)
-    fit_lora(pipe, run, items, device=device, losses=[],
+    fit_lora(pipe, run, items, device=device,
              on_checkpoint=lambda step, *_: _mark(marks, step, run))
 
 

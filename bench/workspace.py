@@ -11,9 +11,10 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from tasks.inputs import PreparedInputs, prepare_inputs
-from tasks.plan import CheckpointRef, RenderJobSpec, TrainingRunSpec, render_jobs, training_runs
-from tasks.spec import SweepSpec, parse_spec
+from tasks.preflight import prepare_inputs
+from tasks.sweep.load import parse_spec
+from tasks.sweep.plan import CheckpointRef, PreparedInputs, RenderJobSpec, TrainingRunSpec, render_jobs, training_runs
+from tasks.sweep.spec import SweepSpec
 
 TRIGGER = "zqx"
 
@@ -58,7 +59,7 @@ class Workspace:
 
     def trained_checkpoint(self) -> CheckpointRef:
         """Train the run (in this process, a few steps) and return its checkpoint."""
-        from tasks.train import train_lora
+        from tasks.train.run import train_lora
 
         return train_lora(self.run).checkpoints[-1]
 

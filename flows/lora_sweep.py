@@ -21,9 +21,10 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from flows.execution import sweep_executor
 from storage.catalog import Manifest, connect
 from storage.layout import SweepLayout
-from tasks.devices import CONCURRENT_TASKS
-from tasks.plan import CheckpointRef, render_jobs, sweep_root, training_runs
 from tasks.prefect_tasks import catalog_task, load_spec_task, prepare_inputs_task, report_task
+from tasks.sweep.devices import CONCURRENT_TASKS
+from tasks.sweep.plan import CheckpointRef, render_jobs, sweep_root, training_runs
+from tasks.sweep.provenance import provenance
 
 
 @flow(name="lora-sweep", task_runner=ThreadPoolTaskRunner(max_workers=CONCURRENT_TASKS), log_prints=True)
@@ -93,8 +94,6 @@ def best_configurations(layout: SweepLayout) -> list[dict[str, object]]:
 
 def write_resolved_spec(layout: SweepLayout, spec, spec_path: str) -> None:
     """The resolved spec and its provenance beside the sweep's artifacts."""
-    from tasks.provenance import provenance
-
     payload = {"sweep_id": spec.sweep_id(), "spec_path": str(Path(spec_path).resolve()),
                "spec": spec.model_dump(mode="json"), "provenance": provenance()}
     layout.spec_path.write_text(json.dumps(payload, indent=2))

@@ -61,6 +61,7 @@ def ensure_server(api_url: str, port: int) -> None:
 
 
 def flow_run_state(flow_run_id: str) -> tuple[str, str | None]:
+    # Imported here, not at the top: prefect reads PREFECT_HOME and PREFECT_API_URL when imported, and main() sets them.
     from prefect.client.orchestration import get_client
 
     async def read() -> tuple[str, str | None]:

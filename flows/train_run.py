@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from prefect import flow
 
-from tasks.plan import TrainingRunSpec
 from tasks.prefect_tasks import train_task
+from tasks.sweep.plan import TrainingRunSpec
 
 
 @flow(name="lora-train", flow_run_name="train-{run.run_id}", log_prints=True)

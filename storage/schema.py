@@ -33,7 +33,7 @@ RUNS = pa.schema(
         ("started_at", pa.timestamp("us", tz="UTC")),
         ("finished_at", pa.timestamp("us", tz="UTC")),
         ("run_dir", pa.string()),
-        # Training options (tasks.spec.TrainingSpec); NULL in files written before these columns existed.
+        # Training options (tasks.sweep.spec.TrainingSpec); NULL in files written before these columns existed.
         ("target_preset", pa.string()),  # "attention" | "attention+ff" | "locon"; NULL: an explicit module list
         ("target_modules", pa.list_(pa.string())),  # the UNet module names that got LoRA
         ("lora_dropout", pa.float64()),

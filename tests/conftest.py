@@ -27,7 +27,7 @@ def pytest_configure(config: pytest.Config) -> None:
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A diffusers folder holding the seeded tiny SD1.5-architecture model."""
-    from tasks.tiny_model import ensure_tiny_model
+    from tasks.models.tiny_sd15 import ensure_tiny_model
 
     return ensure_tiny_model(tmp_path_factory.mktemp("models") / "tiny-sd15")
 
@@ -54,7 +54,7 @@ def prefect_harness(tmp_path_factory: pytest.TempPathFactory):
 @pytest.fixture()
 def tiny_pipeline(tiny_model_dir: Path):
     """A fresh pipeline loaded through the same code path as real weights."""
-    from tasks.base_model import load_pipeline
+    from tasks.models.base_model import load_pipeline
 
     return load_pipeline(str(tiny_model_dir))
 

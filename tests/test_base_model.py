@@ -11,8 +11,9 @@ import torch
 from diffusers import StableDiffusionPipeline
 from safetensors.torch import save_file
 
-from tasks.base_model import load_pipeline, model_hash, validate_base_model
-from tasks.tiny_model import write_config_folder, write_single_file_checkpoint
+from tasks.models.base_model import load_pipeline, validate_base_model
+from tasks.models.tiny_sd15 import write_config_folder, write_single_file_checkpoint
+from tasks.sweep.hashes import model_hash
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,7 @@ GRID = [f"render_job {k}x cells: {what}" for k in (1, 4, 16) for what in ("wall 
     "time 4x / 1x", "time 16x / 1x"]
 FLOW = ["flow wall time", "compute: training loops (sum runs.wall_time_s)", "compute: renders (sum images.render_s)",
         "flow wall / compute", "re-run of the finished sweep (all skipped)",
-        "child process start: python -c 'import tasks.train'"]
+        "child process start: python -c 'import tasks.train.run'"]
 MEMORY = ["train ours: peak memory", "train notebook: peak memory", "render ours: peak memory",
           "render notebook: peak memory", "flow peak memory (process + children)"]
 
@@ -89,7 +89,7 @@ def test_quick_flow_suite_has_every_row(tmp_path: Path) -> None:
 
 def test_reduced_demo_spec_round_trips_through_toml(tmp_path: Path) -> None:
     from bench.flow_bench import write_sweep
-    from tasks.spec import load_spec
+    from tasks.sweep.load import load_spec
 
     spec = load_spec(write_sweep(tmp_path, quick=True))
     assert spec.training.ranks == (4,) and spec.render.lora_weights == (0.0, 1.0)

@@ -10,8 +10,8 @@ import pytest
 import torch
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer
 
-from tasks.clip_metrics import TEXT_IMAGE_METRIC, TRAINING_METRIC, ClipScorer, TrainingClipEmbeddings
-from tasks.tiny_model import TOKENIZER_DIR
+from tasks.models.tiny_sd15 import TOKENIZER_DIR
+from tasks.score.clip_metrics import TEXT_IMAGE_METRIC, TRAINING_METRIC, ClipScorer, TrainingClipEmbeddings
 
 TINY = {"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 2, "num_attention_heads": 4}
 
@@ -142,9 +142,9 @@ def test_score_task_adds_clip_rows_for_every_image(clip_dir: Path, tmp_path: Pat
 
     from storage.layout import SweepLayout
     from storage.parquet_io import write_rows
-    from tasks import score
-    from tasks.demo_world import write_demo_dataset
-    from tasks.plan import RenderJobSpec
+    from tasks.data.demo_world import write_demo_dataset
+    from tasks.score import job as score
+    from tasks.sweep.plan import RenderJobSpec
 
     dataset = write_demo_dataset(tmp_path / "ds", count=3)
     layout = SweepLayout(tmp_path / "sweep")

@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 from safetensors.numpy import load_file
 
-from tasks.run_claim import read_trainers
+from tasks.train.claim import read_trainers
 from tests.conftest import small_sweep_data, write_spec
 
 # Two sweeps and a LocalCluster of 2 processes (~2 min on 2 cores): in `make test-slow`, which CI runs too.

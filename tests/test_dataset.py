@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tasks.captions import BlipCaptioner, CaptionerError, drop_caption, prefix_trigger, shuffle_tags
-from tasks.dataset import (
+from tasks.data.captions import BlipCaptioner, CaptionerError, drop_caption, prefix_trigger, shuffle_tags
+from tasks.data.dataset import (
     DatasetError,
     DatasetItem,
     assign_buckets,
@@ -23,9 +23,10 @@ from tasks.dataset import (
     load_training_image,
     to_rgb,
 )
-from tasks.dataset_sources import load_items
-from tasks.inputs import InputError, prepare_inputs
-from tasks.spec import DatasetSpec, SpecError, parse_spec
+from tasks.data.sources import load_items
+from tasks.preflight import InputError, prepare_inputs
+from tasks.sweep.load import SpecError, parse_spec
+from tasks.sweep.spec import DatasetSpec
 from tests.conftest import small_sweep_data
 
 

@@ -9,14 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tasks.concept_score import (
-    SHAPE_PROTOTYPES,
-    classify_shape,
-    colour_mask,
-    concept_score,
-    concept_terms,
-)
-from tasks.demo_world import (
+from tasks.data.demo_world import (
     DEMO_CONCEPT,
     MANIFEST,
     SHAPES,
@@ -27,6 +20,13 @@ from tasks.demo_world import (
     world_samples,
     write_demo_dataset,
     write_world_dataset,
+)
+from tasks.score.concept_score import (
+    SHAPE_PROTOTYPES,
+    classify_shape,
+    colour_mask,
+    concept_score,
+    concept_terms,
 )
 
 

@@ -12,14 +12,14 @@ from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from peft.utils import get_peft_model_state_dict
 from PIL import Image
 
-from tasks.base_model import load_pipeline
-from tasks.dataset import DatasetItem, crop_sizes, item_size, scan_dataset
-from tasks.encodings import encode_training_set, weights_fingerprint
-from tasks.inputs import InputError, prepare_inputs
-from tasks.plan import TrainingRunSpec, training_runs
-from tasks.spec import SpecError, parse_spec
-from tasks.text_conditioning import size_ids, text_encoders
-from tasks.train import draw_examples, fit_lora
+from tasks.data.dataset import DatasetItem, crop_sizes, item_size, scan_dataset
+from tasks.models.base_model import load_pipeline
+from tasks.models.text_conditioning import size_ids, text_encoders
+from tasks.preflight import InputError, prepare_inputs
+from tasks.sweep.load import SpecError, parse_spec
+from tasks.sweep.plan import TrainingRunSpec, training_runs
+from tasks.train.encodings import encode_training_set, weights_fingerprint
+from tasks.train.loop import draw_examples, fit_lora
 from tests.conftest import small_sweep_data
 
 
@@ -46,8 +46,7 @@ def fit(world, run: TrainingRunSpec, items: list[DatasetItem] | None = None):
     calls = {"vae": 0, "text": 0}
     pipe.vae.encoder.register_forward_hook(lambda *_: calls.__setitem__("vae", calls["vae"] + 1))
     pipe.text_encoder.register_forward_hook(lambda *_: calls.__setitem__("text", calls["text"] + 1))
-    losses: list[float] = []
-    fit_lora(pipe, run, items or world_items, device="cpu", losses=losses, on_checkpoint=lambda *_: None)
+    losses = fit_lora(pipe, run, items or world_items, device="cpu").losses
     return get_peft_model_state_dict(pipe.unet, adapter_name="default"), losses, calls
 
 
@@ -62,7 +61,7 @@ def test_disk_cache_trains_bit_for_bit_like_memory_and_a_warm_cache_skips_the_en
     cache = tmp_path / "cache"
     memory, memory_losses, memory_calls = fit(world, make_run(world, cache="memory"))
     cold, cold_losses, cold_calls = fit(world, make_run(world, cache_dir=str(cache)))
-    with caplog.at_level(logging.INFO, logger="tasks.encodings"):
+    with caplog.at_level(logging.INFO, logger="tasks.train.encodings"):
         warm, warm_losses, warm_calls = fit(world, make_run(world, cache_dir=str(cache)))
     assert_same(memory, cold)
     assert_same(memory, warm)
@@ -205,8 +204,7 @@ def test_bucketed_training_feeds_the_unet_each_buckets_shape(world, mixed_folder
     pipe = load_pipeline(inputs.model_paths["tiny-sd15"])
     shapes: list[tuple[int, ...]] = []
     pipe.unet.register_forward_pre_hook(lambda _module, args: shapes.append(tuple(args[0].shape)))
-    losses: list[float] = []
-    fit_lora(pipe, run, items, device="cpu", losses=losses, on_checkpoint=lambda *_: None)
+    losses = fit_lora(pipe, run, items, device="cpu").losses
     assert all(np.isfinite(losses))
     latent_shapes = {(2, 4, h // 8, w // 8) for w, h in crop_sizes(items, 64, bucket_step=16)}
     assert set(shapes) <= latent_shapes and len(set(shapes)) >= 2
@@ -228,7 +226,7 @@ def test_a_bucketed_run_records_its_buckets_in_kohya_metadata_and_the_runs_table
     from safetensors import safe_open
 
     from storage.layout import SweepLayout
-    from tasks.train import train_lora
+    from tasks.train.run import train_lora
 
     dataset = {"path": str(mixed_folder), "trigger_word": "zqx"}
     run = make_run(world, dataset, buckets=True, bucket_step=16, max_steps=2, checkpoint_steps=[2])

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from flows.execution import check_gpu_workers, dask_runner_options, local_gpu_cluster
-from tasks.run_claim import claim_run, read_trainers, record_trainer
-from tasks.spec import SpecError, parse_spec
+from tasks.sweep.load import SpecError, parse_spec
+from tasks.train.claim import claim_run, read_trainers, record_trainer
 from tests.conftest import small_sweep_data
 
 
@@ -114,7 +114,7 @@ def test_the_claim_makes_a_second_trainer_wait_for_the_first(tmp_path: Path) -> 
 
 
 def test_a_killed_claim_holder_leaves_no_stale_claim(tmp_path: Path) -> None:
-    code = ("import sys, time; from pathlib import Path; from tasks.run_claim import claim_run\n"
+    code = ("import sys, time; from pathlib import Path; from tasks.train.claim import claim_run\n"
             "with claim_run(Path(sys.argv[1])):\n    print('held', flush=True); time.sleep(60)")
     holder = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "run")], stdout=subprocess.PIPE, text=True,
                               cwd=Path(__file__).resolve().parent.parent)
@@ -133,9 +133,9 @@ def test_two_concurrent_trainers_of_one_run_train_it_once(tmp_path: Path) -> Non
     """A duplicate submission (another worker, a retry) waits on the claim, then finds the run done."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from tasks.inputs import prepare_inputs
-    from tasks.plan import training_runs
-    from tasks.train_process import train_in_subprocess
+    from tasks.preflight import prepare_inputs
+    from tasks.sweep.plan import training_runs
+    from tasks.train.child_process import train_in_subprocess
 
     spec = parse_spec(small_sweep_data(tmp_path / "out", ranks=[2], max_steps=4, checkpoint_steps=[4]))
     inputs = prepare_inputs(spec)

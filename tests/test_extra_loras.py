@@ -19,14 +19,16 @@ from peft.utils import get_peft_model_state_dict
 from PIL import Image
 from safetensors.torch import save_file
 
-from tasks.base_model import load_pipeline
-from tasks.checkpoint_io import DIFFUSERS_FILE, kohya_state_dict, text_encoder_lora_state
-from tasks.inputs import InputError, prepare_inputs
-from tasks.plan import CheckpointRef, checkpoint_id, render_jobs, training_runs
-from tasks.png_metadata import parse_image_parameters, read_png_parameters
-from tasks.render import grid_cells, image_id, render_job
-from tasks.spec import SpecError, load_spec, parse_spec
-from tasks.training_presets import TEXT_ENCODER_TARGETS
+from tasks.lora.export import kohya_state_dict, text_encoder_lora_state
+from tasks.lora.files import DIFFUSERS_FILE
+from tasks.models.base_model import load_pipeline
+from tasks.preflight import InputError, prepare_inputs
+from tasks.render.job import render_job
+from tasks.render.png_metadata import parse_image_parameters, read_png_parameters
+from tasks.sweep.ids import checkpoint_id
+from tasks.sweep.load import SpecError, load_spec, parse_spec
+from tasks.sweep.plan import CheckpointRef, grid_cells, image_id, render_jobs, training_runs
+from tasks.sweep.presets import TEXT_ENCODER_TARGETS
 from tests.conftest import small_sweep_data, write_spec
 
 ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -271,7 +273,7 @@ def test_an_extra_lora_of_another_model_family_is_refused_before_any_work(world,
 
 
 def test_lora_fit_reads_text_encoder_widths_from_both_spellings(tmp_path: Path, tiny_model_dir: Path) -> None:
-    from tasks.lora_fit import lora_fit_problems
+    from tasks.lora.compatibility import lora_fit_problems
 
     down, up = torch.zeros(2, 32), torch.zeros(32, 2)
     fits = {"lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": down,

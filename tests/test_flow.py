@@ -11,7 +11,6 @@ import pytest
 
 from tests.conftest import small_sweep_data, write_spec
 
-
 REPO = Path(__file__).resolve().parent.parent
 COOKBOOK = sorted((REPO / "storage" / "cookbook").glob("*.sql"))
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from tasks.grid_image import (
+from tasks.render.grid_image import (
     MAX_CELLS_WIDTH_PX,
     MISSING_COLOR,
     cell_size,

@@ -16,13 +16,13 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save, save_file
 
 from storage.layout import SweepLayout
-from tasks.base_model import legacy_model_hash, model_sha256
-from tasks.inputs import prepare_inputs
-from tasks.kohya_metadata import lora_short_hash, with_hashes
-from tasks.plan import TrainingRunSpec, training_runs
-from tasks.spec import parse_spec
-from tasks.train import train_lora
-from tasks.training_presets import TARGET_PRESETS
+from tasks.lora.kohya_metadata import with_hashes
+from tasks.preflight import prepare_inputs
+from tasks.sweep.hashes import legacy_model_hash, lora_short_hash, model_sha256
+from tasks.sweep.load import parse_spec
+from tasks.sweep.plan import TrainingRunSpec, training_runs
+from tasks.sweep.presets import TARGET_PRESETS
+from tasks.train.run import train_lora
 from tests.conftest import small_sweep_data
 
 # kohya repeat folders: (folder, image, caption); 3 x 2 + 1 x 1 = 7 samples per epoch.

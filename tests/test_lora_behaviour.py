@@ -10,13 +10,14 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from tasks.base_model import load_pipeline
-from tasks.checkpoint_io import DIFFUSERS_FILE, checkpoint_files
-from tasks.dataset import scan_dataset
-from tasks.inputs import prepare_inputs
-from tasks.plan import training_runs
-from tasks.spec import parse_spec
-from tasks.train import fit_lora, train_lora
+from tasks.data.dataset import scan_dataset
+from tasks.lora.files import DIFFUSERS_FILE, checkpoint_files
+from tasks.models.base_model import load_pipeline
+from tasks.preflight import prepare_inputs
+from tasks.sweep.load import parse_spec
+from tasks.sweep.plan import training_runs
+from tasks.train.loop import fit_lora
+from tasks.train.run import train_lora
 from tests.conftest import small_sweep_data
 
 PROMPT = "a photo of zqx"
@@ -44,7 +45,7 @@ def trained(setup):
     pipe = load_pipeline(inputs.model_paths["tiny-sd15"])
     pipe.set_progress_bar_config(disable=True)
     items = scan_dataset(Path(inputs.dataset_path))
-    fit_lora(pipe, run, items, device="cpu", losses=[], on_checkpoint=lambda *state: None)
+    fit_lora(pipe, run, items, device="cpu")
     result = train_lora(run)
     return pipe, result
 
@@ -97,7 +98,7 @@ def trained_everywhere(tmp_path_factory: pytest.TempPathFactory):
     run = training_runs(spec, inputs.model_paths, inputs.dataset_path, inputs.dataset_fingerprint)[0]
     pipe = load_pipeline(inputs.model_paths["tiny-sd15"])
     pipe.set_progress_bar_config(disable=True)
-    fit_lora(pipe, run, scan_dataset(Path(inputs.dataset_path)), device="cpu", losses=[],
+    fit_lora(pipe, run, scan_dataset(Path(inputs.dataset_path)), device="cpu",
              on_checkpoint=lambda *state: None)
     return inputs, run, pipe, train_lora(run)
 
@@ -128,7 +129,7 @@ def test_weight_zero_turns_off_the_text_encoder_and_conv_lora_too(trained_everyw
     expected = render(pipe)
     pipe.load_lora_weights(result.checkpoints[-1].lora_dir, weight_name=DIFFUSERS_FILE, adapter_name="lora")
     assert np.abs(render(pipe) - expected).max() > 0.05
-    pipe.set_adapters(["lora"], adapter_weights=[0.0])  # as tasks.render does for the weight-0 column
+    pipe.set_adapters(["lora"], adapter_weights=[0.0])  # as tasks.render.job does for the weight-0 column
     assert np.array_equal(render(pipe), expected)
 
 

@@ -9,15 +9,15 @@ import pytest
 from skimage.filters import gaussian
 from skimage.metrics import structural_similarity
 
-from tasks import metrics
-from tasks.metrics import (
+from tasks.score import metrics
+from tasks.score.metrics import (
     GROUP_METRICS,
     MEMORIZATION_SSIM_THRESHOLD,
     METRICS,
     PSNR_CAP_DB,
-    SsimStats,
     MetricInputs,
     MetricValue,
+    SsimStats,
     TrainingSetFeatures,
     compute_image_metrics,
     diversity_across_seeds,

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tasks.png_metadata import (
+from tasks.render.png_metadata import (
     ImageParameters,
     format_parameters,
     parse_image_parameters,

@@ -13,13 +13,13 @@ import torch
 from PIL import Image
 
 from storage.layout import SweepLayout
-from tasks.base_model import load_pipeline
-from tasks.checkpoint_io import DIFFUSERS_FILE
-from tasks.inputs import InputError, prepare_inputs
-from tasks.plan import render_jobs, training_runs
-from tasks.render import grid_cells, image_id, render_job, resolve_precision
-from tasks.spec import SpecError, parse_spec
-from tasks.train import train_lora
+from tasks.lora.files import DIFFUSERS_FILE
+from tasks.models.base_model import load_pipeline
+from tasks.preflight import InputError, prepare_inputs
+from tasks.render.job import render_job, resolve_precision
+from tasks.sweep.load import SpecError, parse_spec
+from tasks.sweep.plan import grid_cells, image_id, render_jobs, training_runs
+from tasks.train.run import train_lora
 from tests.conftest import small_sweep_data
 
 GRID = {"prompts": ["a photo of {trigger}"], "seeds": [1, 2], "samplers": ["Euler a"], "steps": [4],

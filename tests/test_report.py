@@ -31,7 +31,7 @@ WEIGHTS = (0.5, 1.0)
 SEEDS = (1, 2)
 XSS = "<script>alert(1)</script>"
 PROMPTS = ("a photo of sks cat on a red sofa", XSS)
-# Stacked on every image, ours and the baseline, as tasks.render records them.
+# Stacked on every image, ours and the baseline, as tasks.render.job records them.
 EXTRA_LORAS = json.dumps([{"name": "style", "path": "/loras/style.safetensors", "weight": 0.7, "sha256": "ab12" * 16},
                           {"name": "grain", "path": "/loras/grain.safetensors", "weight": 0.5, "sha256": "cd34" * 16}])
 ERROR = "RuntimeError: CUDA out of memory.\nTried to allocate 2.00 GiB <b>not bold</b>"

@@ -7,13 +7,8 @@ import pytest
 import torch
 from diffusers import DPMSolverSDEScheduler
 
-from tasks.samplers import (
-    A1111_SAMPLER_NAMES,
-    SAMPLER_NAMES,
-    make_scheduler,
-    resolve_sampler,
-    scheduler_call_kwargs,
-)
+from tasks.render.samplers import make_scheduler, scheduler_call_kwargs
+from tasks.sweep.sampler_names import A1111_SAMPLER_NAMES, SAMPLER_NAMES, resolve_sampler
 
 # torchsde warns when diffusers queries its Brownian tree a float32 rounding below sigma_min
 # (google-research/torchsde#152); harmless, and not ours to fix.

@@ -21,19 +21,20 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from storage.layout import SweepLayout
-
-from tasks.base_model import load_pipeline, model_family, validate_base_model
-from tasks.checkpoint_io import DIFFUSERS_FILE, checkpoint_files, load_training_state
-from tasks.dataset import scan_dataset
-from tasks.inputs import InputError, prepare_inputs
-from tasks.plan import render_jobs, training_runs
-from tasks.png_metadata import read_png_parameters
-from tasks.render import render_job
-from tasks.spec import parse_spec
-from tasks.tiny_model import write_config_folder
-from tasks.tiny_sdxl import SDXL_BUILD_ENTRIES
-from tasks.train import fit_lora, train_lora
-from tasks.validation import prepare_validation, split_validation, validation_loss
+from tasks.data.dataset import scan_dataset
+from tasks.lora.files import DIFFUSERS_FILE, checkpoint_files
+from tasks.models.base_model import load_pipeline, model_family, validate_base_model
+from tasks.models.tiny_sd15 import write_config_folder
+from tasks.models.tiny_sdxl import SDXL_BUILD_ENTRIES
+from tasks.preflight import InputError, prepare_inputs
+from tasks.render.job import render_job
+from tasks.render.png_metadata import read_png_parameters
+from tasks.sweep.load import parse_spec
+from tasks.sweep.plan import render_jobs, training_runs
+from tasks.train.loop import fit_lora
+from tasks.train.run import train_lora
+from tasks.train.state import load_training_state
+from tasks.train.validation import prepare_validation, split_validation, validation_loss
 from tests.conftest import small_sweep_data
 
 PROMPT = "a photo of zqx"
@@ -71,7 +72,7 @@ def trained(setup):
     """The LoRA trained in memory by fit_lora, and the same run trained and saved by the task."""
     _, inputs, run = setup
     pipe = fresh(inputs.model_paths["tiny-sdxl"])
-    fit_lora(pipe, run, scan_dataset(Path(inputs.dataset_path)), device="cpu", losses=[],
+    fit_lora(pipe, run, scan_dataset(Path(inputs.dataset_path)), device="cpu",
              on_checkpoint=lambda *state: None)
     return pipe, train_lora(run)
 
@@ -176,7 +177,7 @@ def trained_te(setup):
     run = training_runs(parse_spec(data), inputs.model_paths, inputs.dataset_path, inputs.dataset_fingerprint)[0]
     pipe = fresh(inputs.model_paths["tiny-sdxl"])
     items, _ = split_validation(scan_dataset(Path(inputs.dataset_path)), 2, run.seed)
-    fit_lora(pipe, run, items, device="cpu", losses=[], on_checkpoint=lambda *state: None)
+    fit_lora(pipe, run, items, device="cpu")
     return run, pipe, train_lora(run)
 
 

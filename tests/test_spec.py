@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.spec import SpecError, load_spec, parse_spec
+from tasks.sweep.load import SpecError, load_spec, parse_spec
 
 SWEEPS = Path(__file__).resolve().parent.parent / "sweeps"
 

@@ -13,9 +13,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers import CLIPTokenizer
 
-from tasks.base_model import load_pipeline
-from tasks.build_clip_tokenizer import ASSET_DIR, CHECK_IDS, CHECK_TEXT, VOCAB_SIZE
-from tasks.tiny_model import (
+from tasks.models.base_model import load_pipeline
+from tasks.models.build_clip_tokenizer import ASSET_DIR, CHECK_IDS, CHECK_TEXT, VOCAB_SIZE
+from tasks.models.tiny_sd15 import (
     BUILDER_VERSION,
     MARKER,
     build_tiny_sd15,

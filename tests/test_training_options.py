@@ -15,14 +15,16 @@ from peft.utils import get_peft_model_state_dict
 from safetensors import safe_open
 
 from storage.layout import SweepLayout
-from tasks.base_model import load_pipeline
-from tasks.checkpoint_io import MANIFEST_FILE
-from tasks.dataset import scan_dataset
-from tasks.inputs import prepare_inputs
-from tasks.plan import TrainingRunSpec, training_runs
-from tasks.spec import parse_spec
-from tasks.train import fit_lora, train_lora
-from tasks.train_options import check_training_support, diffusion_loss, sample_noise
+from tasks.data.dataset import scan_dataset
+from tasks.lora.files import MANIFEST_FILE
+from tasks.models.base_model import load_pipeline
+from tasks.preflight import prepare_inputs
+from tasks.sweep.load import parse_spec
+from tasks.sweep.plan import TrainingRunSpec, training_runs
+from tasks.train.loop import fit_lora
+from tasks.train.objective import diffusion_loss, sample_noise
+from tasks.train.run import train_lora
+from tasks.train.support import check_training_support
 from tests.conftest import small_sweep_data
 
 LR = 1e-2
@@ -49,11 +51,8 @@ def fit(world, run: TrainingRunSpec, prepare=None):
     pipe.set_progress_bar_config(disable=True)
     if prepare:
         prepare(pipe)
-    losses: list[float] = []
-    learning_rates: list[float] = []
-    fit_lora(pipe, run, items, device="cpu", losses=losses, learning_rates=learning_rates,
-             on_checkpoint=lambda *state: None)
-    return pipe, losses, learning_rates
+    history = fit_lora(pipe, run, items, device="cpu")
+    return pipe, history.losses, history.learning_rates
 
 
 def lora_weights(pipe) -> dict[str, torch.Tensor]:
@@ -199,7 +198,7 @@ def test_options_this_machine_cannot_run_fail_before_any_model_is_loaded(world, 
     with pytest.raises(ValueError) as info:
         check_training_support(run, "cpu")
     assert message in str(info.value)
-    monkeypatch.setattr("tasks.train.load_pipeline", lambda *a, **k: pytest.fail("loaded a model"))
+    monkeypatch.setattr("tasks.train.run.load_pipeline", lambda *a, **k: pytest.fail("loaded a model"))
     with pytest.raises(ValueError, match=next(iter(option))):
         train_lora(run)
     assert not SweepLayout(Path(run.sweep_root)).run_dir(run.run_id).exists()
@@ -259,8 +258,7 @@ def test_fp16_with_loss_scaling_and_checkpointing_trains_on_cuda(world, optimize
     _, inputs, items = world
     run = make_run(world, mixed_precision="fp16", gradient_checkpointing=True, optimizer=optimizer)
     pipe = load_pipeline(inputs.model_paths["tiny-sd15"], device="cuda")
-    losses: list[float] = []
-    fit_lora(pipe, run, items, device="cuda", losses=losses, on_checkpoint=lambda *state: None)
+    losses = fit_lora(pipe, run, items, device="cuda").losses
     assert len(losses) == 4 and all(math.isfinite(x) for x in losses)
     weights = lora_weights(pipe)
     assert all(v.dtype == torch.float32 for v in weights.values())
@@ -270,8 +268,8 @@ def test_fp16_with_loss_scaling_and_checkpointing_trains_on_cuda(world, optimize
 def test_validation_loss_is_measured_on_held_out_images_at_every_checkpoint(world) -> None:
     import pyarrow.parquet as pq
 
-    from tasks.checkpoint_io import DIFFUSERS_FILE
-    from tasks.validation import prepare_validation, split_validation, validation_loss
+    from tasks.lora.files import DIFFUSERS_FILE
+    from tasks.train.validation import prepare_validation, split_validation, validation_loss
 
     _, inputs, items = world
     run = make_run(world, max_steps=6, checkpoint_steps=[3, 6], validation_images=2)
@@ -295,7 +293,7 @@ def test_validation_loss_is_measured_on_held_out_images_at_every_checkpoint(worl
 
 
 def test_holding_out_every_image_is_refused_before_any_work(world, tmp_path: Path) -> None:
-    from tasks.inputs import InputError
+    from tasks.preflight import InputError
 
     spec = parse_spec(small_sweep_data(tmp_path / "out", validation_images=12))
     with pytest.raises(InputError, match=r"training.validation_images = 12 leaves no training image \(the dataset "

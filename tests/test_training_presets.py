@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from tasks.inputs import _training_resolution
-from tasks.plan import training_runs
-from tasks.spec import SpecError, parse_spec
-from tasks.training_presets import TARGET_PRESETS, memory_preset
+from tasks.preflight import _training_resolution
+from tasks.sweep.load import SpecError, parse_spec
+from tasks.sweep.plan import training_runs
+from tasks.sweep.presets import TARGET_PRESETS, memory_preset
 from tests.conftest import small_sweep_data
 
 PATHS = ({"tiny-sd15": "/models/tiny"}, "/data/world", "fp")

@@ -17,7 +17,7 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from tasks.run_claim import read_trainers
+from tasks.train.claim import read_trainers
 from tests.conftest import small_sweep_data, write_spec
 
 # A private Prefect server, two workers and a sweep (~1-2 min on 2 cores): in `make test-slow`, which CI runs too.

@@ -12,11 +12,11 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from tasks.base_model import MODEL_BUILD_LOCK, load_pipeline
-from tasks.concept_score import classify_shape, colour_mask, concept_score
-from tasks.demo_world import DEMO_CONCEPT
-from tasks.samplers import make_scheduler
-from tasks.tiny_model import MARKER, WORLD_MODEL_DIR, WORLD_RECORD, ensure_world_model, folder_size
+from tasks.data.demo_world import DEMO_CONCEPT
+from tasks.models.base_model import MODEL_BUILD_LOCK, load_pipeline
+from tasks.models.tiny_sd15 import MARKER, WORLD_MODEL_DIR, WORLD_RECORD, ensure_world_model, folder_size
+from tasks.render.samplers import make_scheduler
+from tasks.score.concept_score import classify_shape, colour_mask, concept_score
 
 WEIGHT_FILES = ("unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors",
                 "text_encoder/model.safetensors")
@@ -39,7 +39,7 @@ def world_pipe(world_dir: Path):
 
 def render(pipe, prompt: str, seed: int, *, steps: int = 20, cfg: float = 7.0, sampler: str = "Euler a",
            base_config: dict | None = None) -> np.ndarray:
-    """One 64x64 image as float RGB in [0, 1], seeded like tasks.render does it."""
+    """One 64x64 image as float RGB in [0, 1], seeded like tasks.render.job does it."""
     pipe.scheduler = make_scheduler(sampler, base_config or dict(pipe.scheduler.config), seed=seed)
     out = pipe(prompt, negative_prompt="blurry", num_inference_steps=steps, guidance_scale=cfg, height=64, width=64,
                generator=torch.Generator("cpu").manual_seed(seed), output_type="np")
@@ -67,12 +67,12 @@ def test_committed_weights_are_fp16_and_small() -> None:
         assert dtypes == {"F16"}, name
     assert folder_size(WORLD_MODEL_DIR) <= 15e6
     record = json.loads((WORLD_MODEL_DIR / WORLD_RECORD).read_text())
-    assert record["script"] == "tasks.pretrain_tiny" and isinstance(record["config"]["seed"], int)
+    assert record["script"] == "tasks.models.pretrain_tiny" and isinstance(record["config"]["seed"], int)
 
 
 def test_materialised_copy_is_marked_and_reused(world_dir: Path) -> None:
     marker = json.loads((world_dir / MARKER).read_text())
-    assert marker["builder"] == "tasks.tiny_model.ensure_world_model"
+    assert marker["builder"] == "tasks.models.tiny_sd15.ensure_world_model"
     stamp = (world_dir / MARKER).stat().st_mtime_ns
     assert ensure_world_model(world_dir) == world_dir
     assert (world_dir / MARKER).stat().st_mtime_ns == stamp  # current copy: nothing rewritten
@@ -143,11 +143,11 @@ def demo_sweep_data(output_dir: Path, model_dir: Path, **training: object) -> di
 
 
 def train_demo_lora(output_dir: Path, model_dir: Path, **training: object) -> list:
-    """Train every run of the sweep through tasks.train; returns its checkpoints (CheckpointRef)."""
-    from tasks.inputs import prepare_inputs
-    from tasks.plan import training_runs
-    from tasks.spec import parse_spec
-    from tasks.train import train_lora
+    """Train every run of the sweep through tasks.train.run; returns its checkpoints (CheckpointRef)."""
+    from tasks.preflight import prepare_inputs
+    from tasks.sweep.load import parse_spec
+    from tasks.sweep.plan import training_runs
+    from tasks.train.run import train_lora
 
     spec = parse_spec(demo_sweep_data(output_dir, model_dir, **training))
     inputs = prepare_inputs(spec)
@@ -158,7 +158,7 @@ def train_demo_lora(output_dir: Path, model_dir: Path, **training: object) -> li
 def concept_scores(model_dir: Path, checkpoint, weights=(0.0, 0.5, 1.0), prompts=CONCEPT_PROMPTS,
                    seeds=CONCEPT_SEEDS, trigger: str = "zqx") -> tuple[dict[float, float], dict]:
     """Mean concept_score per LoRA weight over prompts x seeds (Euler a, 20 steps, CFG 7), and the images."""
-    from tasks.checkpoint_io import DIFFUSERS_FILE
+    from tasks.lora.files import DIFFUSERS_FILE
 
     concept = replace(DEMO_CONCEPT, trigger=trigger)
     pipe = load_pipeline(str(model_dir))

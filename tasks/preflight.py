@@ -1,0 +1,175 @@
+"""Check every input of a sweep before any expensive work, and materialise `builtin:` assets.
+
+All problems (spec, base models, dataset, extra LoRA files, output folder) are gathered and
+raised together, so a user fixes them in one pass and no training starts on input that would
+fail later.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from tasks.data.captions import captioner_problem
+from tasks.data.dataset import DatasetError, dataset_fingerprint, dataset_summary, load_clip_tokenizer
+from tasks.data.demo_world import write_demo_dataset
+from tasks.data.sources import load_items
+from tasks.lora.compatibility import lora_file_problems, lora_fit_problems
+from tasks.models.base_model import validate_base_model
+from tasks.models.tiny_sd15 import ensure_tiny_model, ensure_world_model
+from tasks.models.tiny_sdxl import ensure_tiny_sdxl
+from tasks.score.clip_metrics import clip_folder_problems
+from tasks.sweep.devices import cuda_device_count
+from tasks.sweep.ids import content_id
+from tasks.sweep.model_family import model_family
+from tasks.sweep.plan import PreparedInputs, preset_settings
+from tasks.sweep.presets import memory_preset
+from tasks.sweep.spec import BUILTIN_PREFIX, SweepSpec
+
+MIN_FREE_BYTES = 200 * 2**20
+
+
+class InputError(ValueError):
+    """Every problem found in a sweep's inputs, one per line."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        lines = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"{len(problems)} problem(s) with the sweep's inputs (nothing was run):\n{lines}")
+
+
+def builtin_dir(spec: SweepSpec) -> Path:
+    """Where builtin assets are materialised: beside the sweep's outputs, shared by all sweeps there."""
+    return Path(spec.output_dir) / "builtin"
+
+
+def prepare_inputs(spec: SweepSpec) -> PreparedInputs:
+    """Validate base models, dataset and output folder; build builtin assets; raise InputError on any problem."""
+    problems = _output_problems(Path(spec.output_dir))
+    if spec.training.cache_dir:
+        problems += [f"training.{p} (or set training.cache = 'memory')"
+                     for p in _output_problems(Path(spec.training.cache_dir), "cache_dir")]
+    if problems:  # builtins are materialised under output_dir: nothing more can be checked
+        raise InputError(problems)
+    model_paths = {}
+    for index, model in enumerate(spec.base_models):
+        path, found = _model_path(spec, model.path, model.config)
+        model_paths[model.name] = path
+        if not found:
+            found = _family_problems(spec, path, model.config)
+        problems += [f"base_models[{index}] ({model.name}): {p}" for p in found]
+    dataset_path, fingerprint, count, found = _dataset(spec, _training_resolution(spec, model_paths, problems))
+    problems += found
+    if not found and spec.training.validation_images >= count:
+        problems.append(f"training.validation_images = {spec.training.validation_images} leaves no training image "
+                        f"(the dataset has {count}); allowed: 0 to {count - 1}")
+    if spec.metrics.clip_model:
+
+        problems += [f"metrics.clip_model: {p}" for p in clip_folder_problems(Path(spec.metrics.clip_model))]
+    if spec.render.precision == "fp16" and spec.execution.runner == "threads":  # renders run in this process
+
+        if not cuda_device_count():
+            problems.append("render.precision = 'fp16' needs a CUDA GPU and this machine renders on the CPU; "
+                            "allowed here: 'auto' (fp32 on the CPU), 'fp32' or 'bf16'")
+    for index, extra in enumerate(spec.render.extra_loras):
+        found = lora_file_problems(Path(extra.path))
+        problems += [f"render.extra_loras[{index}] ({extra.name}): {p}" for p in found]
+        if not found:
+            problems += _lora_fit(spec, index, model_paths)
+    if problems:
+        raise InputError(problems)
+    return PreparedInputs(model_paths, dataset_path, fingerprint, count)
+
+
+def _lora_fit(spec: SweepSpec, index: int, model_paths: dict[str, str]) -> list[str]:
+    """An extra LoRA must fit every base model it is stacked on (a single file: its config folder)."""
+
+    extra = spec.render.extra_loras[index]
+    problems = []
+    for number, model in enumerate(spec.base_models):
+        folder = Path(model_paths[model.name])
+        folder = folder if folder.is_dir() else Path(model.config) if model.config else None
+        if folder is None:
+            continue  # the base model's own problem is reported already
+        problems += [f"render.extra_loras[{index}] ({extra.name}) on base_models[{number}] ({model.name}): {p}"
+                     for p in lora_fit_problems(Path(extra.path), folder)]
+    return problems
+
+
+def _model_path(spec: SweepSpec, path: str, config: str | None) -> tuple[str, list[str]]:
+
+    if path.startswith(BUILTIN_PREFIX):
+
+        name = path[len(BUILTIN_PREFIX) :]
+        ensure = {"tiny-sd15-world": ensure_world_model, "tiny-sdxl": ensure_tiny_sdxl}.get(name, ensure_tiny_model)
+        return str(ensure(builtin_dir(spec) / name)), []
+    return path, validate_base_model(path, config=config)
+
+
+def _family_problems(spec: SweepSpec, path: str, config: str | None) -> list[str]:
+    """Training options the model's family (SD1.x or SDXL) cannot use: a memory preset below its smallest tier."""
+
+    gib = spec.training.memory_preset_gib
+    if gib is None:
+        return []
+    try:
+        memory_preset(gib, model_family(path, config))
+    except ValueError as err:
+        return [f"training.memory_preset_gib = {gib:g}: {err}"]
+    return []
+
+
+def _training_resolution(spec: SweepSpec, model_paths: dict[str, str], problems: list[str]) -> int:
+    """The largest resolution any run trains at (a memory preset picks it per base model family), so
+    the demo dataset is generated at it and the summary buckets for it."""
+    if spec.training.memory_preset_gib is None or problems:
+        return spec.training.resolution
+
+    return max(preset_settings(spec.training, model_family(model_paths[m.name], m.config))[1]["resolution"]
+               for m in spec.base_models)
+
+
+def _dataset(spec: SweepSpec, resolution: int) -> tuple[str, str, int, list[str]]:
+    """Scan the dataset by its source, check the captioner folder, and print the dataset summary."""
+
+    ds = spec.dataset
+    path = ds.path
+    if path.startswith(BUILTIN_PREFIX):
+
+        folder = builtin_dir(spec) / f"{path[len(BUILTIN_PREFIX):]}-{ds.trigger_word}-{resolution}"
+        try:
+            path = str(write_demo_dataset(folder, trigger=ds.trigger_word, size=resolution))
+        except (ValueError, FileExistsError) as err:
+            return path, "", 0, [f"dataset.path {path!r} at training.resolution {resolution}: {err}"]
+    problem = captioner_problem(ds.captioner) if ds.captioner else None
+    try:
+        # Captions a captioner will write are not known yet: the fingerprint covers the captioner name instead.
+        items = load_items(ds, Path(path), min_size=min(64, resolution))
+    except DatasetError as err:
+        return path, "", 0, [f"dataset: {p}" for p in err.problems] + ([problem] if problem else [])
+    if problem:
+        return path, "", 0, [problem]
+    summary = dataset_summary(items, load_clip_tokenizer(), resolution=resolution,
+                              trigger_word=ds.trigger_word,
+                              step=spec.training.bucket_step if spec.training.buckets else None)
+    print(f"dataset {path} ({ds.source}):\n{summary.format()}")  # log_prints puts it in the Prefect log
+    fingerprint = dataset_fingerprint(items)
+    if ds.captioner and summary.missing_captions:
+        fingerprint = content_id([fingerprint, ds.captioner])
+    return path, fingerprint, len(items), []
+
+
+def _output_problems(output_dir: Path, field: str = "output_dir") -> list[str]:
+    existing = output_dir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return [f"{field} {str(output_dir)!r}: {str(existing)!r} is a file, not a folder"]
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return [f"{field} {str(output_dir)!r}: folder {str(existing)!r} is not writable; choose a writable folder"]
+    free = shutil.disk_usage(existing).free
+    if free < MIN_FREE_BYTES:
+        return [f"{field} {str(output_dir)!r}: only {free / 2**20:.0f} MiB free on its disk; "
+                f"need at least {MIN_FREE_BYTES / 2**20:.0f} MiB"]
+    return []

@@ -1,0 +1,188 @@
+"""Render one job's fixed-seed grid: a base model and one LoRA checkpoint (or none) over
+samplers x steps x CFG x LoRA weights x prompts x seeds, with the spec's extra LoRAs (if any)
+stacked at their own weights on every image, the baseline's included.
+
+The pipeline and the LoRA are loaded once; weights switch with `set_adapters` and samplers
+swap from the scheduler config. Every image has its own generator seeded from its seed, so no
+pixel depends on batch size, order or the rest of the grid. A PNG is written atomically and
+found again on a re-run, so an interrupted job only renders what is missing.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from storage.atomic import atomic_file
+from storage.layout import SweepLayout
+from storage.parquet_io import write_rows
+from tasks.lora.files import DIFFUSERS_FILE
+from tasks.models.base_model import MODEL_BUILD_LOCK, load_pipeline
+from tasks.render.grid_image import job_title, write_grid_images
+from tasks.render.png_metadata import ImageParameters, png_info, read_png_parameters
+from tasks.render.samplers import make_scheduler
+from tasks.sweep.devices import torch_device
+from tasks.sweep.hashes import lora_short_hash, model_hash
+from tasks.sweep.plan import Cell, RenderJobSpec, grid_cells, image_id
+from tasks.sweep.provenance import lora_sweep_version
+from tasks.sweep.sampler_names import resolve_sampler
+
+log = logging.getLogger(__name__)
+ADAPTER = "lora"
+EXTRA_ADAPTER_PREFIX = "extra_"
+MAX_BATCH = 8
+
+
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def resolve_precision(precision: str, device: str) -> str:
+    """The precision a job renders in on `device`: "auto" is fp16 on CUDA and fp32 on the CPU.
+
+    fp16 on the CPU is refused (slow, and some CPU kernels lack it); bf16 runs on both.
+    """
+    if precision == "auto":
+        return "fp16" if device == "cuda" else "fp32"
+    if precision == "fp16" and device != "cuda":
+        raise ValueError("render.precision = 'fp16' needs a CUDA GPU and this machine renders on the CPU; "
+                         "allowed here: 'auto', 'fp32' or 'bf16'")
+    return precision
+
+
+def render_job(job: RenderJobSpec) -> Path:
+    """Render every missing image of the job and write its `images` Parquet file; returns that file."""
+    layout = SweepLayout(Path(job.sweep_root))
+    table_file = layout.table_file("images", job.render_id)
+    if table_file.exists():
+        log.info("render %s: finished earlier, skipping", job.render_id)
+        return table_file
+    job = job.model_copy(update={"precision": resolve_precision(job.precision, torch_device())})
+    out_dir = layout.render_dir(job.render_id)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cells = grid_cells(job)
+    todo = [c for c in cells if not (out_dir / f"{image_id(job, c)}.png").exists()]
+    log.info("render %s: %d images, %d already on disk", job.render_id, len(cells), len(cells) - len(todo))
+    if todo:
+        _render_missing(job, todo, out_dir)
+    rows = [_image_row(job, c, out_dir / f"{image_id(job, c)}.png") for c in cells]
+    _write_grids(job, layout, rows, out_dir)
+    return write_rows("images", rows, table_file)
+
+
+def _write_grids(job: RenderJobSpec, layout: SweepLayout, rows: list[dict[str, object]], out_dir: Path) -> None:
+    """X/Y-plot grid PNGs beside the images: LoRA weight x sampler, the no-LoRA column included."""
+    baseline = layout.table_file("images", job.baseline_render_id) if job.baseline_render_id else None
+    shared = pq.read_table(baseline).to_pylist() if baseline and baseline.exists() else []
+    title = job_title(rows[0])
+    write_grid_images([*shared, *rows], out_dir, title=title)
+
+
+def _render_missing(job: RenderJobSpec, todo: list[Cell], out_dir: Path) -> None:
+    # Half precision: weights and activations in that dtype; an SDXL VAE whose config asks for it
+    # (force_upcast) still decodes in fp32 inside diffusers' pipeline.
+    pipe = load_pipeline(job.base_model_path, config=job.base_model.config, device=torch_device(),
+                         torch_dtype=PRECISIONS[job.precision])
+    pipe.set_progress_bar_config(disable=True)
+    base_config = dict(pipe.scheduler.config)
+    context = _MetadataContext.build(job)
+    extras = _load_loras(pipe, job)
+    progress = tqdm(total=len(todo), desc=f"render {job.render_id}", leave=False)
+    for key, group in itertools.groupby(todo, key=lambda c: (c.lora_weight, c.sampler, c.steps, c.cfg_scale)):
+        weight, sampler, steps, cfg = key
+        # Weight 0 of ours adds exactly 0.0, so it equals the baseline with the extras at their weights.
+        names = [ADAPTER, *extras] if job.checkpoint else extras
+        weights = [weight] * bool(job.checkpoint) + [x.weight for x in job.extra_loras]
+        if names:
+            pipe.set_adapters(names, adapter_weights=weights)
+        cells = list(group)
+        for start in range(0, len(cells), MAX_BATCH):
+            chunk = cells[start : start + MAX_BATCH]
+            # One seed per image: SDE samplers get a noise sampler per image, so no pixel depends on the batch.
+            pipe.scheduler = make_scheduler(sampler, base_config, seed=[c.seed for c in chunk])
+            t0 = time.perf_counter()
+            images = pipe(
+                prompt=[c.prompt for c in chunk], negative_prompt=[job.negative_prompt] * len(chunk),
+                num_inference_steps=steps, guidance_scale=cfg, width=job.width, height=job.height,
+                generator=[torch.Generator(device="cpu").manual_seed(c.seed) for c in chunk],
+            ).images
+            per_image = (time.perf_counter() - t0) / len(chunk)
+            for cell, image in zip(chunk, images):
+                _save_png(image, out_dir / f"{image_id(job, cell)}.png", context.parameters(job, cell),
+                          {"image_id": image_id(job, cell), "render_id": job.render_id, "render_s": per_image,
+                           "run_id": job.checkpoint.run_id if job.checkpoint else None,
+                           "checkpoint_id": job.checkpoint.checkpoint_id if job.checkpoint else None})
+            progress.update(len(chunk))
+    progress.close()
+
+
+def _load_loras(pipe, job: RenderJobSpec) -> list[str]:
+    """Load our checkpoint (if any) and each extra LoRA once, each under its own adapter; the extras' names."""
+    extras = [f"{EXTRA_ADAPTER_PREFIX}{i}" for i in range(len(job.extra_loras))]
+    with MODEL_BUILD_LOCK:
+        if job.checkpoint:
+            pipe.load_lora_weights(job.checkpoint.lora_dir, weight_name=DIFFUSERS_FILE, adapter_name=ADAPTER)
+        for adapter, extra in zip(extras, job.extra_loras):
+            file = Path(extra.path)
+            pipe.load_lora_weights(str(file.parent), weight_name=file.name, adapter_name=adapter, use_safetensors=True)
+    return extras
+
+
+@dataclass(frozen=True)
+class _MetadataContext:
+    """Hashes and names written into every PNG's A1111 `parameters` chunk; LoRA hashes as A1111 shows them."""
+
+    model_hash: str
+    lora_name: str | None
+    lora_hash: str | None
+    extra_hashes: tuple[str, ...] = ()
+
+    @classmethod
+    def build(cls, job: RenderJobSpec) -> _MetadataContext:
+        extras = tuple(lora_short_hash(x.path) for x in job.extra_loras)
+        if not job.checkpoint:
+            return cls(model_hash(job.base_model_path), None, None, extras)
+        # The kohya file, the one A1111 loads: what A1111 shows for it (its sshs_model_hash).
+        kohya = Path(job.checkpoint.lora_dir) / f"{job.checkpoint.checkpoint_id}.safetensors"
+        return cls(model_hash(job.base_model_path), job.checkpoint.checkpoint_id, lora_short_hash(kohya), extras)
+
+    def parameters(self, job: RenderJobSpec, cell: Cell) -> ImageParameters:
+        ours = ((self.lora_name, cell.lora_weight, self.lora_hash),) if self.lora_name else ()
+        loras = (*ours, *((x.name, x.weight, h) for x, h in zip(job.extra_loras, self.extra_hashes, strict=True)))
+        sampler = resolve_sampler(cell.sampler)
+        return ImageParameters(
+            prompt=cell.prompt, negative_prompt=job.negative_prompt, steps=cell.steps,
+            sampler=sampler.a1111_sampler, schedule_type=sampler.a1111_schedule_type, cfg_scale=cell.cfg_scale,
+            seed=cell.seed, width=job.width, height=job.height, model_hash=self.model_hash,
+            model_name=job.base_model.name, loras=loras, version=f"lora-sweep {lora_sweep_version()}", extra={},
+        )
+
+
+def _save_png(image: Image.Image, path: Path, params: ImageParameters, ids: dict[str, object]) -> None:
+    with atomic_file(path) as handle:
+        image.save(handle, format="PNG", pnginfo=png_info(params, ids))
+
+
+def _image_row(job: RenderJobSpec, cell: Cell, path: Path) -> dict[str, object]:
+    _, ours = read_png_parameters(path)
+    ckpt = job.checkpoint
+    return {
+        "sweep_id": job.sweep_id, "image_id": image_id(job, cell), "render_id": job.render_id,
+        "base_model": job.base_model.name, "run_id": ckpt.run_id if ckpt else None,
+        "checkpoint_id": ckpt.checkpoint_id if ckpt else None, "rank": ckpt.rank if ckpt else None,
+        "checkpoint_step": ckpt.step if ckpt else None, "sampler": cell.sampler, "steps": cell.steps,
+        "lora_weight": cell.lora_weight if ckpt else 0.0, "cfg_scale": cell.cfg_scale,
+        "prompt_index": cell.prompt_index, "prompt": cell.prompt, "negative_prompt": job.negative_prompt,
+        "seed": cell.seed, "width": job.width, "height": job.height, "path": str(path),
+        "render_s": float(ours.get("render_s", 0.0)),
+        "extra_loras": json.dumps([x.model_dump() for x in job.extra_loras]) if job.extra_loras else None,
+        "precision": job.precision,  # resolved by render_job: the image id holds it
+    }

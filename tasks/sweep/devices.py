@@ -1,0 +1,36 @@
+"""What accelerators this process sees, and how many CPU threads a task gets.
+
+The flow imports this module and stays free of torch (about 2 s and 400 MB to import), so torch is
+imported inside the two functions that ask it, only when they are called.
+"""
+
+from __future__ import annotations
+
+import os
+
+
+def torch_device() -> str:
+    """Where training and rendering run: "cuda" when torch sees a GPU, else "cpu"."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def cuda_device_count() -> int:
+    """CUDA devices visible here (respects CUDA_VISIBLE_DEVICES); 0 without CUDA."""
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+# The flow's thread runner runs two tasks at once (flows/lora_sweep.py); on a CPU-only machine each
+# gets its share of the cores. Oversubscribed OpenMP pools (2 tasks x all cores each) made a demo
+# training step 100x slower on 2 busy cores.
+CONCURRENT_TASKS = 2
+
+
+def cpu_threads_per_task() -> int:
+    """torch threads for one task: OMP_NUM_THREADS when the user set it, else cores / concurrent tasks."""
+    if os.environ.get("OMP_NUM_THREADS", "").isdigit():
+        return max(1, int(os.environ["OMP_NUM_THREADS"]))
+    return max(1, (os.cpu_count() or 1) // CONCURRENT_TASKS)

@@ -1,0 +1,261 @@
+"""The LoRA training loop, read top to bottom: `setup` -> `train_step` -> `train_loop`.
+
+VAE latents and text embeddings are computed once (both encoders are frozen; tasks.train.encodings,
+cached on disk by content hash unless `training.cache` says otherwise), then each step draws a
+batch (from one aspect-ratio bucket when buckets are on), adds noise at a random timestep,
+predicts it with the LoRA-adapted UNet and takes an AdamW step on the LoRA parameters only.
+Options (all off by default, see TrainingSpec): LoRA dropout and wider target presets, an LR
+schedule with warmup, gradient accumulation (a step = `gradient_accumulation_steps` micro-batches),
+Min-SNR loss weighting, offset noise, fp16/bf16 mixed precision, gradient checkpointing, 8-bit
+AdamW and a text-encoder LoRA (the text encoders then run every step). Attention is diffusers'
+default, PyTorch's scaled_dot_product_attention. SDXL base models train the same way, their UNet
+also conditioned on the pooled text embedding and size ids (tasks.models.text_conditioning).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from diffusers import DDPMScheduler
+from diffusers.optimization import get_scheduler
+from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
+from tqdm.auto import tqdm
+
+from tasks.data.captions import training_caption
+from tasks.data.dataset import DatasetItem, crop_sizes
+from tasks.models.base_model import MODEL_BUILD_LOCK
+from tasks.models.text_conditioning import encode_captions, text_encoders
+from tasks.sweep.plan import TrainingRunSpec
+from tasks.sweep.presets import TEXT_ENCODER_TARGETS
+from tasks.train.encodings import TrainingEncodings, encode_training_set
+from tasks.train.objective import diffusion_loss, sample_noise
+from tasks.train.state import loop_state, make_optimizer, restore_loop_state
+
+log = logging.getLogger(__name__)
+ADAPTER = "default"
+TEXT_ENCODER_STATE_KEYS = ("text_encoder_lora", "text_encoder_2_lora")  # training state keys, per text encoder
+HALF_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class TrainingHistory:
+    """What the loop measured, one entry per optimizer step it took (a resumed run: the new steps only)."""
+
+    losses: list[float] = field(default_factory=list)
+    learning_rates: list[float] = field(default_factory=list)
+    trainable_params: int = 0
+
+
+@dataclass
+class TrainState:
+    """Everything a step needs, built once by `setup`."""
+
+    run: TrainingRunSpec
+    pipe: object
+    items: list[DatasetItem]
+    device: str
+    encoded: TrainingEncodings
+    sizes: list[tuple[int, int]]
+    generator: torch.Generator
+    noise_scheduler: DDPMScheduler
+    trained_encoders: list
+    params: list[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    lr_schedule: object
+    scaler: torch.amp.GradScaler
+    autocast: AbstractContextManager
+    first_step: int
+    encode_text: bool  # the text encoder runs every step (it trains, or captions change per step)
+
+
+CheckpointCallback = Callable[[int, dict, TrainingHistory], None]
+
+
+def setup(pipe, run: TrainingRunSpec, items: list[DatasetItem], *, device: str, resume: dict | None = None
+          ) -> TrainState:
+    """Freeze the model, encode the training set, add the LoRA adapters and build the optimizer.
+
+    With `resume` (a saved training state) the adapters, optimizer, schedule and RNG continue after
+    that step, so the run ends with exactly the weights an uninterrupted run would have.
+    """
+    encoders, tokenizers = text_encoders(pipe)
+    torch.manual_seed(run.seed)
+    unet, vae = pipe.unet, pipe.vae
+    trained_encoders = encoders if run.train_text_encoder else []
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    for module in (unet, vae, *encoders):
+        module.requires_grad_(False)
+
+    # The VAE is frozen, so each image is encoded once (cache "off": every step); so is each caption
+    # unless the text encoder trains. With buckets each image keeps its own crop size.
+    generator = torch.Generator(device="cpu").manual_seed(run.seed)
+    sizes = crop_sizes(items, run.resolution, run.bucket_step if run.buckets else None)
+    encoded = encode_training_set(items, sizes, vae, encoders, tokenizers, generator, device, mode=run.cache,
+                                  cache_dir=run.cache_dir)
+
+    # Mixed precision: frozen weights are held in the half dtype (half the memory); the LoRA weights
+    # and their optimizer state stay fp32, and autocast runs the forward passes in the half dtype.
+    half = HALF_DTYPES.get(run.mixed_precision)
+    if half is not None:
+        for module in (unet, *encoders):
+            module.to(half)
+    params = add_adapters(unet, trained_encoders, run)
+    if run.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+
+    optimizer = make_optimizer(run.optimizer, param_groups(unet, trained_encoders, run))
+    lr_schedule = get_scheduler(run.lr_scheduler, optimizer, num_warmup_steps=run.lr_warmup_steps,
+                                num_training_steps=run.max_steps, num_cycles=run.lr_cycles)
+    # fp16 gradients underflow without loss scaling; disabled (a no-op) for fp32 and bf16.
+    scaler = torch.amp.GradScaler("cuda" if device == "cuda" else "cpu", enabled=run.mixed_precision == "fp16")
+    first_step = 1
+    if resume:
+        set_peft_model_state_dict(unet, resume["lora"], adapter_name=ADAPTER)
+        for key, encoder in zip(TEXT_ENCODER_STATE_KEYS, trained_encoders):
+            set_peft_model_state_dict(encoder, resume[key], adapter_name=ADAPTER)
+        restore_loop_state(resume, optimizer, lr_schedule, scaler, generator)
+        first_step = resume["step"] + 1
+    for module in (unet, *trained_encoders):
+        module.train()
+    per_step_captions = run.dataset.caption_dropout > 0 or run.dataset.shuffle_tags
+    return TrainState(
+        run=run, pipe=pipe, items=items, device=device, encoded=encoded, sizes=sizes, generator=generator,
+        noise_scheduler=noise_scheduler, trained_encoders=trained_encoders, params=params, optimizer=optimizer,
+        lr_schedule=lr_schedule, scaler=scaler, first_step=first_step,
+        autocast=torch.autocast("cuda" if device == "cuda" else "cpu", dtype=half, enabled=half is not None),
+        encode_text=per_step_captions or run.train_text_encoder or encoded.text_every_step,
+    )
+
+
+def add_adapters(unet, trained_encoders: list, run: TrainingRunSpec) -> list[torch.nn.Parameter]:
+    """LoRA on the UNet's target modules (and the text encoders' attention); returns the fp32 trainables."""
+    lora = dict(r=run.rank, lora_alpha=run.alpha, lora_dropout=run.lora_dropout, init_lora_weights="gaussian")
+    with MODEL_BUILD_LOCK:
+        unet.add_adapter(LoraConfig(**lora, target_modules=list(run.target_modules)), adapter_name=ADAPTER)
+        for encoder in trained_encoders:  # peft directly: transformers' add_adapter wants a newer peft
+            inject_adapter_in_model(LoraConfig(**lora, target_modules=list(TEXT_ENCODER_TARGETS)), encoder,
+                                    adapter_name=ADAPTER)
+    params = [p for module in (unet, *trained_encoders) for p in module.parameters() if p.requires_grad]
+    for param in params:
+        param.data = param.data.float()
+    return params
+
+
+def param_groups(unet, trained_encoders: list, run: TrainingRunSpec) -> list[dict]:
+    """The UNet's LoRA at `learning_rate`, the text encoders' (when they train) at `text_encoder_lr`."""
+    groups = [{"params": [p for p in unet.parameters() if p.requires_grad], "lr": run.learning_rate}]
+    text_params = [p for encoder in trained_encoders for p in encoder.parameters() if p.requires_grad]
+    if text_params:
+        groups.append({"params": text_params, "lr": run.text_encoder_lr})
+    return groups
+
+
+def train_step(state: TrainState, step: int) -> float:
+    """One optimizer step over `batch_size x gradient_accumulation_steps` examples; returns its loss."""
+    run, unet = state.run, state.pipe.unet
+    micro, accumulation = run.batch_size, run.gradient_accumulation_steps
+    batch = micro * accumulation
+    # Everything random in a step is drawn first, for the whole accumulated batch, so batch 2 x
+    # 2 accumulation steps sees exactly the examples, noise and timesteps of batch 4.
+    repeats = torch.tensor([item.repeats for item in state.items], dtype=torch.float)
+    index = draw_examples(repeats, state.sizes, batch, state.generator)
+    captions = step_captions(state, index.tolist(), step)
+    clean = state.encoded.latents_for(index.tolist(), state.pipe.vae, state.generator, state.device)
+    noise = sample_noise(clean.shape, state.generator, run.noise_offset)
+    scheduler = state.noise_scheduler
+    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), generator=state.generator)
+
+    state.optimizer.zero_grad(set_to_none=True)
+    step_loss = 0.0
+    for part in range(accumulation):
+        rows = slice(part * micro, (part + 1) * micro)
+        t, clean_part = timesteps[rows].to(state.device), clean[rows].to(state.device)
+        noise_part = noise[rows].to(state.device)
+        noisy = scheduler.add_noise(clean_part, noise_part, t)
+        if scheduler.config.prediction_type == "v_prediction":
+            target = scheduler.get_velocity(clean_part, noise_part, t)
+        else:
+            target = noise_part
+        with state.autocast:
+            condition = state.encoded.text.select(index[rows])
+            if state.encode_text:
+                encoders, tokenizers = text_encoders(state.pipe)
+                condition = condition.with_text(*encode_captions(captions[rows], encoders, tokenizers, state.device,
+                                                                 grad=run.train_text_encoder))
+            prediction = unet(noisy, t, **condition.unet_kwargs(state.device)).sample
+        loss = diffusion_loss(prediction, target, t, scheduler, run.min_snr_gamma)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"loss became {loss.item()} at step {step}; lower training.learning_rate")
+        state.scaler.scale(loss / accumulation).backward()  # gradients of the mean over the whole batch
+        step_loss += loss.item() / accumulation
+    state.scaler.step(state.optimizer)  # with fp16: skipped when gradients overflowed, and the scale lowered
+    state.scaler.update()
+    return float(step_loss)
+
+
+def step_captions(state: TrainState, index: list[int], step: int) -> list[str]:
+    """The step's captions; with caption dropout or tag shuffling, changed per step by a step-seeded RNG
+    (so a resumed run sees the same text)."""
+    ds = state.run.dataset
+    captions = [state.items[i].caption for i in index]
+    if ds.caption_dropout > 0 or ds.shuffle_tags:
+        rng = np.random.default_rng([state.run.seed, step])
+        captions = [training_caption(c, rng, dropout=ds.caption_dropout, shuffle=ds.shuffle_tags,
+                                     keep_tokens=ds.keep_tokens) for c in captions]
+    return captions
+
+
+def train_loop(state: TrainState, on_checkpoint: CheckpointCallback | None = None) -> TrainingHistory:
+    """Steps from `state.first_step` to `max_steps`; `on_checkpoint(step, loop_state, history)` at every
+    checkpoint step. Returns the losses and learning rates of the steps taken."""
+    run = state.run
+    history = TrainingHistory(trainable_params=sum(p.numel() for p in state.params))
+    progress = tqdm(range(state.first_step, run.max_steps + 1), desc=f"train {run.run_id}", leave=False)
+    for step in progress:
+        loss = train_step(state, step)
+        history.learning_rates.append(state.optimizer.param_groups[0]["lr"])
+        state.lr_schedule.step()
+        history.losses.append(loss)
+        progress.set_postfix(loss=f"{loss:.4f}")
+        if step in run.checkpoint_steps:
+            if on_checkpoint is not None:
+                on_checkpoint(step, loop_state(state.optimizer, state.lr_schedule, state.scaler, state.generator),
+                              history)
+            log.info("run %s: checkpoint at step %d (loss %.4f)", run.run_id, step, loss)
+    state.pipe.unet.eval()
+    for encoder in state.trained_encoders:
+        encoder.eval()
+    if run.gradient_checkpointing:
+        state.pipe.unet.disable_gradient_checkpointing()
+    return history
+
+
+def fit_lora(pipe, run: TrainingRunSpec, items: list[DatasetItem], *, device: str,
+             on_checkpoint: CheckpointCallback | None = None, resume: dict | None = None) -> TrainingHistory:
+    """Add LoRA adapters to `pipe` and train them in place: `setup` then `train_loop`."""
+    return train_loop(setup(pipe, run, items, device=device, resume=resume), on_checkpoint)
+
+
+def draw_examples(repeats: torch.Tensor, sizes: list[tuple[int, int]], batch: int,
+                  generator: torch.Generator) -> torch.Tensor:
+    """One step's example indices, each drawn with weight `repeats` (kohya repeat folders).
+
+    With one crop size, `batch` independent draws (all-1 repeats: the plain uniform draw). With
+    aspect-ratio buckets the first example picks the bucket and the rest come from that bucket, so
+    a batch stacks; each example's chance stays proportional to its repeats.
+    """
+    if len(set(sizes)) == 1:
+        if bool((repeats != 1).any()):
+            return torch.multinomial(repeats, batch, replacement=True, generator=generator)
+        return torch.randint(0, len(sizes), (batch,), generator=generator)
+    first = torch.multinomial(repeats, 1, generator=generator)
+    same = torch.tensor([i for i, size in enumerate(sizes) if size == sizes[int(first)]])
+    if batch == 1:
+        return first
+    rest = same[torch.multinomial(repeats[same], batch - 1, replacement=True, generator=generator)]
+    return torch.cat([first, rest])

@@ -1,0 +1,148 @@
+"""One training run, start to finish: load its data and model, train (tasks.train.loop), save a
+checkpoint at every checkpoint step, record its rows. A killed run resumes from its last checkpoint.
+
+`python -m tasks.train.run RUN_JSON` trains one run in its own process (tasks.train.child_process).
+"""
+
+from __future__ import annotations
+
+import logging
+import resource
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from peft.utils import get_peft_model_state_dict
+
+from storage.layout import SweepLayout
+from storage.parquet_io import write_rows
+from tasks.data.captions import load_captioner
+from tasks.data.sources import load_items
+from tasks.lora.export import save_checkpoint
+from tasks.lora.files import checkpoint_complete
+from tasks.lora.kohya_metadata import TrainingFacts
+from tasks.models.base_model import load_pipeline, model_family
+from tasks.models.text_conditioning import text_encoders
+from tasks.sweep.devices import torch_device
+from tasks.sweep.plan import TrainingRunSpec
+from tasks.train.loop import ADAPTER, TEXT_ENCODER_STATE_KEYS, TrainingHistory, fit_lora
+from tasks.train.records import TrainingResult, already_done, checkpoint_row, completed, write_run_row
+from tasks.train.state import load_training_state
+from tasks.train.support import check_training_support, log_memory_preset
+from tasks.train.validation import prepare_validation, split_validation, validation_loss
+
+log = logging.getLogger(__name__)
+
+
+def train_lora(run: TrainingRunSpec) -> TrainingResult:
+    """Train one run unless its results already exist; a failure is recorded as a failed run row."""
+    layout = SweepLayout(Path(run.sweep_root))
+    if already_done(run, layout):
+        log.info("run %s: finished earlier, skipping", run.run_id)
+        return completed(run, layout)
+    started = datetime.now(timezone.utc)
+    try:
+        stats = _train(run, layout, started)
+    except Exception as err:
+        write_run_row(run, layout, started, status="failed", error=f"{type(err).__name__}: {err}", stats={})
+        raise
+    write_run_row(run, layout, started, status="completed", error=None, stats=stats)
+    return completed(run, layout)
+
+
+def _train(run: TrainingRunSpec, layout: SweepLayout, started: datetime) -> dict[str, float]:
+    device = torch_device()
+    check_training_support(run, device)  # before any model is loaded
+    family = model_family(run.base_model_path, run.base_model.config)
+    log_memory_preset(run)
+    captioner = load_captioner(run.dataset.captioner, device=device) if run.dataset.captioner else None
+    items = load_items(run.dataset, Path(run.dataset_path), min_size=8, captioner=captioner)
+    items, held_out = split_validation(items, run.validation_images, run.seed)
+    facts = TrainingFacts(tuple(items), started)  # what the kohya metadata records
+    pipe = load_pipeline(run.base_model_path, config=run.base_model.config, device=device)
+    validation = prepare_validation(pipe, held_out, run.resolution, run.seed, device) if held_out else None
+    resume = latest_training_state(run, layout)
+    if resume:
+        log.info("run %s: resuming after step %d", run.run_id, resume["step"])
+    before = TrainingHistory(*resumed_history(run, resume))
+    checkpoint_rows = resumed_checkpoint_rows(resume)
+    elapsed_before = float(resume["elapsed"]) if resume else 0.0
+    trained_encoders = text_encoders(pipe)[0] if run.train_text_encoder else []
+    t0 = time.perf_counter()
+
+    def on_checkpoint(step: int, loop: dict, now: TrainingHistory) -> None:
+        losses, learning_rates = before.losses + now.losses, before.learning_rates + now.learning_rates
+        elapsed = elapsed_before + time.perf_counter() - t0
+        row = checkpoint_row(run, layout, step, losses, elapsed)
+        row["validation_loss"] = validation_loss(pipe, validation, device) if validation else None
+        state = {"step": step, "lora": get_peft_model_state_dict(pipe.unet, adapter_name=ADAPTER), **loop,
+                 "losses": losses, "learning_rates": learning_rates,
+                 "checkpoint_rows": [*checkpoint_rows, row], "elapsed": elapsed}
+        for key, encoder in zip(TEXT_ENCODER_STATE_KEYS, trained_encoders):
+            state[key] = get_peft_model_state_dict(encoder, adapter_name=ADAPTER)
+        save_checkpoint(run, pipe.unet, ADAPTER, step, row["checkpoint_id"], layout.checkpoint_dir(run.run_id, step),
+                        training_state=state, facts=facts, text_encoders=trained_encoders, family=family)
+        checkpoint_rows.append(row)
+
+    history = fit_lora(pipe, run, items, device=device, on_checkpoint=on_checkpoint, resume=resume)
+    wall = time.perf_counter() - t0
+    losses, learning_rates = before.losses + history.losses, before.learning_rates + history.learning_rates
+    loss_rows = [{"sweep_id": run.sweep_id, "run_id": run.run_id, "step": step, "loss": loss, "learning_rate": lr}
+                 for step, (loss, lr) in enumerate(zip(losses, learning_rates, strict=True), start=1)]
+    write_rows("losses", loss_rows, layout.table_file("losses", run.run_id))
+    write_rows("checkpoints", checkpoint_rows, layout.table_file("checkpoints", run.run_id))
+    steps_now = len(history.losses)
+    return {
+        "wall_time_s": elapsed_before + wall,
+        "steps_per_s": steps_now / wall if steps_now else float("nan"),
+        "trainable_params": history.trainable_params,
+        "num_images": len(items),
+        "peak_memory_mb": peak_memory_mb(device),
+    }
+
+
+def latest_training_state(run: TrainingRunSpec, layout: SweepLayout) -> dict | None:
+    """The training state of the last complete checkpoint, so a killed run continues from there."""
+    for step in sorted(run.checkpoint_steps, reverse=True):
+        folder = layout.checkpoint_dir(run.run_id, step)
+        if checkpoint_complete(folder):
+            return load_training_state(folder)
+    return None
+
+
+def resumed_history(run: TrainingRunSpec, resume: dict | None) -> tuple[list[float], list[float]]:
+    """Losses and learning rates of the steps before a resume; states saved before LR schedules existed
+    ran at the constant learning rate."""
+    if not resume:
+        return [], []
+    losses = list(resume["losses"])
+    return losses, list(resume.get("learning_rates", [run.learning_rate] * len(losses)))
+
+
+def resumed_checkpoint_rows(resume: dict | None) -> list[dict[str, object]]:
+    """Checkpoint rows saved before the resume; rows saved before validation_loss existed read as null."""
+    return [{"validation_loss": None, **row} for row in resume["checkpoint_rows"]] if resume else []
+
+
+def peak_memory_mb(device: str) -> float:
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux; process-wide
+
+
+def main(argv: list[str]) -> int:
+    """`python -m tasks.train.run RUN_JSON`: train one run in its own process (see tasks.train.child_process)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    run = TrainingRunSpec.model_validate_json(Path(argv[0]).read_text())
+    try:
+        train_lora(run)
+    except Exception as err:  # the failed run row is written; the parent reads it
+        log.error("run %s failed: %s: %s", run.run_id, type(err).__name__, err)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
