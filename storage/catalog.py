@@ -17,6 +17,7 @@ from pathlib import Path
 import duckdb
 import pyarrow as pa
 
+from storage.atomic import write_atomic
 from storage.layout import SweepLayout
 from storage.schema import SCHEMA_VERSION, TABLES
 
@@ -40,12 +41,9 @@ class Manifest:
     def write(self, layout: SweepLayout) -> Path:
         path = layout.root / "manifest.json"
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps({"sweep_id": self.sweep_id, "run_ids": self.run_ids,
-                                   "render_ids": self.render_ids,
-                                   "zero_weight_in_grid": self.zero_weight_in_grid, "schema_version": SCHEMA_VERSION}, indent=2))
-        os.replace(tmp, path)
-        return path
+        payload = {"sweep_id": self.sweep_id, "run_ids": self.run_ids, "render_ids": self.render_ids,
+                   "zero_weight_in_grid": self.zero_weight_in_grid, "schema_version": SCHEMA_VERSION}
+        return write_atomic(path, json.dumps(payload, indent=2).encode())
 
     @classmethod
     def read(cls, layout: SweepLayout) -> Manifest:

@@ -59,7 +59,7 @@ def prepare_inputs(spec: SweepSpec) -> PreparedInputs:
         if not found:
             found = _family_problems(spec, path, model.config)
         problems += [f"base_models[{index}] ({model.name}): {p}" for p in found]
-    dataset_path, fingerprint, count, found = _dataset(spec, _training_resolution(spec, model_paths, problems))
+    dataset_path, fingerprint, count, found = _dataset(spec, training_resolution(spec, model_paths, problems))
     problems += found
     if not found and spec.training.validation_images >= count:
         problems.append(f"training.validation_images = {spec.training.validation_images} leaves no training image "
@@ -120,7 +120,7 @@ def _family_problems(spec: SweepSpec, path: str, config: str | None) -> list[str
     return []
 
 
-def _training_resolution(spec: SweepSpec, model_paths: dict[str, str], problems: list[str]) -> int:
+def training_resolution(spec: SweepSpec, model_paths: dict[str, str], problems: list[str]) -> int:
     """The largest resolution any run trains at (a memory preset picks it per base model family), so
     the demo dataset is generated at it and the summary buckets for it."""
     if spec.training.memory_preset_gib is None or problems:

@@ -111,7 +111,7 @@ def test_pickle_checkpoint_is_refused(tmp_path: Path, suffix: str) -> None:
 
 
 def test_single_file_without_config(tmp_path: Path, tiny_model_dir: Path) -> None:
-    from tasks.models.tiny_sd15 import write_single_file_checkpoint
+    from tasks.models.single_file import write_single_file_checkpoint
 
     file = write_single_file_checkpoint(tiny_model_dir, tmp_path / "model.safetensors")
     assert_mentions(problems_for(tmp_path, model={"name": "m", "path": str(file)}), "model.safetensors",

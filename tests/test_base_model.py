@@ -12,7 +12,7 @@ from diffusers import StableDiffusionPipeline
 from safetensors.torch import save_file
 
 from tasks.models.base_model import load_pipeline, validate_base_model
-from tasks.models.tiny_sd15 import write_config_folder, write_single_file_checkpoint
+from tasks.models.single_file import write_config_folder, write_single_file_checkpoint
 from tasks.sweep.hashes import model_hash
 
 

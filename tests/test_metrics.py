@@ -9,20 +9,16 @@ import pytest
 from skimage.filters import gaussian
 from skimage.metrics import structural_similarity
 
-from tasks.score import metrics
+from tasks.score import image_features
+from tasks.score.image_features import PSNR_CAP_DB, SsimStats, TrainingSetFeatures, edge_density, laplacian_variance
 from tasks.score.metrics import (
     GROUP_METRICS,
     MEMORIZATION_SSIM_THRESHOLD,
     METRICS,
-    PSNR_CAP_DB,
     MetricInputs,
     MetricValue,
-    SsimStats,
-    TrainingSetFeatures,
     compute_image_metrics,
     diversity_across_seeds,
-    edge_density,
-    laplacian_variance,
     metric,
 )
 
@@ -71,10 +67,10 @@ def test_psnr_matches_formula_for_known_noise() -> None:
 
 
 def test_batched_ssim_equals_skimage() -> None:
-    x = metrics._analysis_gray(textured(0))
-    ys = np.stack([metrics._analysis_gray(textured(i)) for i in (1, 2)] + [x])
+    x = image_features.analysis_gray(textured(0))
+    ys = np.stack([image_features.analysis_gray(textured(i)) for i in (1, 2)] + [x])
     expected = [structural_similarity(x, y, data_range=1.0) for y in ys]
-    np.testing.assert_allclose(metrics._ssim(SsimStats.of(x[None]), SsimStats.of(ys)), expected, atol=1e-10)
+    np.testing.assert_allclose(image_features.ssim_values(SsimStats.of(x[None]), SsimStats.of(ys)), expected, atol=1e-10)
 
 
 def test_nearest_training_image_finds_exact_copy(training: TrainingSetFeatures) -> None:

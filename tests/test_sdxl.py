@@ -24,7 +24,7 @@ from storage.layout import SweepLayout
 from tasks.data.dataset import scan_dataset
 from tasks.lora.files import DIFFUSERS_FILE, checkpoint_files
 from tasks.models.base_model import load_pipeline, model_family, validate_base_model
-from tasks.models.tiny_sd15 import write_config_folder
+from tasks.models.single_file import write_config_folder
 from tasks.models.tiny_sdxl import SDXL_BUILD_ENTRIES
 from tasks.preflight import InputError, prepare_inputs
 from tasks.render.job import render_job

@@ -15,18 +15,14 @@ from transformers import CLIPTokenizer
 
 from tasks.models.base_model import load_pipeline
 from tasks.models.build_clip_tokenizer import ASSET_DIR, CHECK_IDS, CHECK_TEXT, VOCAB_SIZE
-from tasks.models.tiny_sd15 import (
-    BUILDER_VERSION,
-    MARKER,
-    build_tiny_sd15,
-    ensure_tiny_model,
-    main,
+from tasks.models.single_file import (
     text_encoder_to_ldm,
     unet_to_ldm,
     vae_to_ldm,
     write_config_folder,
     write_single_file_checkpoint,
 )
+from tasks.models.tiny_sd15 import BUILDER_VERSION, MARKER, build_tiny_sd15, ensure_tiny_model, main
 
 WEIGHT_FILES = {
     "unet/diffusion_pytorch_model.safetensors",

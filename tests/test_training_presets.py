@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.preflight import _training_resolution
+from tasks.preflight import training_resolution
 from tasks.sweep.load import SpecError, parse_spec
 from tasks.sweep.plan import training_runs
 from tasks.sweep.presets import TARGET_PRESETS, memory_preset
@@ -157,7 +157,7 @@ def test_memory_preset_plans_for_each_base_models_family(tmp_path: Path) -> None
     assert (sd15.resolution, sd15.batch_size, sd15.rank, sd15.mixed_precision) == (512, 8, 64, "bf16")
     assert (sdxl.resolution, sdxl.batch_size, sdxl.rank, sdxl.gradient_checkpointing) == (1024, 2, 32, True)
     assert sdxl.run_id.startswith("xl-r32-") and sd15.run_id.startswith("tiny-sd15-r64-")
-    assert _training_resolution(parse_spec(data), paths[0], []) == 1024  # the demo dataset is made at the largest
+    assert training_resolution(parse_spec(data), paths[0], []) == 1024  # the demo dataset is made at the largest
     # A key set in the spec wins for every family.
     data["training"].update(resolution=256, ranks=[4])
     sd15, sdxl = training_runs(parse_spec(data), *paths)

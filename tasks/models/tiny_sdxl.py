@@ -18,9 +18,8 @@ from tasks.models.tiny_sd15 import (
     TEXT_CONFIG,
     TOKENIZER_DIR,
     VAE_CONFIG,
-    is_current_build,
-    materialise,
-    save_built,
+    TinyBuild,
+    core_components,
     seeded_models,
 )
 
@@ -64,27 +63,20 @@ def tiny_sdxl_components(seed: int) -> dict[str, object]:
         seed, lambda: UNet2DConditionModel(**SDXL_UNET_CONFIG), lambda: AutoencoderKL(**SDXL_VAE_CONFIG),
         lambda: CLIPTextModel(CLIPTextConfig(**TEXT_CONFIG)),
         lambda: CLIPTextModelWithProjection(CLIPTextConfig(**TEXT_CONFIG, projection_dim=TEXT_HIDDEN)))
-    return {
-        "unet": unet,
-        "vae": vae,
-        "text_encoder": text_encoder,
-        "text_encoder_2": text_encoder_2,
-        "tokenizer": CLIPTokenizer.from_pretrained(str(TOKENIZER_DIR)),
-        "tokenizer_2": CLIPTokenizer.from_pretrained(str(TOKENIZER_DIR)),
-        "scheduler": EulerDiscreteScheduler(**SDXL_SCHEDULER_CONFIG),
-        "image_encoder": None,
-        "feature_extractor": None,
-        "add_watermarker": False,
-    }
+    return {**core_components(unet, vae, text_encoder), "text_encoder_2": text_encoder_2,
+            "tokenizer_2": CLIPTokenizer.from_pretrained(str(TOKENIZER_DIR)),
+            "scheduler": EulerDiscreteScheduler(**SDXL_SCHEDULER_CONFIG), "image_encoder": None,
+            "feature_extractor": None, "add_watermarker": False}
+
+
+TINY_SDXL = TinyBuild("tasks.models.tiny_sdxl", SDXL_BUILDER_VERSION, StableDiffusionXLPipeline, tiny_sdxl_components,
+                      frozenset(SDXL_BUILD_ENTRIES))
 
 
 def build_tiny_sdxl(folder: Path, seed: int = 0) -> Path:
-    """Build the seeded tiny SDXL model and save it as an ordinary diffusers folder (safetensors)."""
-    return save_built(StableDiffusionXLPipeline(**tiny_sdxl_components(seed)), Path(folder), "tasks.models.tiny_sdxl",
-                      SDXL_BUILDER_VERSION, seed)
+    return TINY_SDXL.build(folder, seed)
 
 
 def ensure_tiny_sdxl(folder: Path, seed: int = 0) -> Path:
-    """Return `folder`, building it first (atomically, like ensure_tiny_model) unless it holds this build."""
-    return materialise(Path(folder), lambda f: is_current_build(f, seed, "tasks.models.tiny_sdxl", SDXL_BUILDER_VERSION),
-                       lambda tmp: build_tiny_sdxl(tmp, seed), SDXL_BUILD_ENTRIES)
+    """The seeded tiny SDXL model in `folder`, built there first (atomically) unless it holds this build."""
+    return TINY_SDXL.ensure(folder, seed)

@@ -25,7 +25,8 @@ import torch
 from PIL import Image
 from transformers import CLIPImageProcessor, CLIPModel, CLIPTokenizer
 
-from tasks.score.metrics import METRICS, MetricValue, as_rgb_uint8
+from tasks.score.image_features import as_rgb_uint8, training_id_problems
+from tasks.score.metrics import METRICS, MetricValue
 from tasks.sweep.devices import torch_device
 
 TEXT_IMAGE_METRIC = "clip_text_image_score"  # higher is better: the image shows its prompt
@@ -122,7 +123,7 @@ class ClipScorer:
 
     def embed_training(self, ids: Sequence[str], images: Sequence[np.ndarray]) -> TrainingClipEmbeddings:
         """Embed the training set once per sweep; ids and images are checked (every problem at once)."""
-        problems = _id_problems(ids, images)
+        problems = training_id_problems(ids, images)
         if problems:
             raise ValueError("training set: " + "; ".join(problems))
         names = [f"training image {i!r}" for i in ids]
@@ -163,19 +164,6 @@ def _checked_images(images: Sequence[np.ndarray], names: Sequence[str]) -> list[
     if problems:
         raise ValueError("; ".join(problems))
     return checked
-
-
-def _id_problems(ids: Sequence[str], images: Sequence[np.ndarray]) -> list[str]:
-    """Count mismatch, empty set and duplicate ids."""
-    problems = []
-    if len(ids) != len(images):
-        problems.append(f"got {len(ids)} ids but {len(images)} images")
-    if not ids:
-        problems.append("training set is empty")
-    dupes = sorted({i for i in ids if list(ids).count(i) > 1})
-    if dupes:
-        problems.append(f"duplicate ids {dupes}")
-    return problems
 
 
 def _check_score_inputs(images: Sequence[np.ndarray], prompts: Sequence[str],

@@ -23,7 +23,8 @@ from tasks.data.demo_world import DEMO_CONCEPT
 from tasks.data.sources import load_items
 from tasks.score.clip_metrics import ClipScorer
 from tasks.score.concept_score import concept_score
-from tasks.score.metrics import GROUP_METRICS, TrainingSetFeatures, compute_image_metrics, diversity_across_seeds
+from tasks.score.image_features import TrainingSetFeatures
+from tasks.score.metrics import GROUP_METRICS, compute_image_metrics, diversity_across_seeds
 from tasks.sweep.plan import RenderJobSpec
 from tasks.sweep.spec import DatasetSpec
 
