@@ -213,6 +213,8 @@ def report_context(data: SweepData, layout: SweepLayout) -> dict[str, Any]:
         "best": best_rows(data, layout),
         "runs": runs,
         "failed_runs": [r for r in runs if r["failed"]],
+        # Bad dataset files left out with dataset.on_bad_file = "skip" (every run reads the same folder).
+        "skipped_files": sorted({f for r in data.runs for f in (r.get("skipped_files") or [])}),
     }
 
 

@@ -10,6 +10,23 @@ from pathlib import Path
 from typing import BinaryIO
 
 
+def current_umask() -> int:
+    """This process's umask, read without changing it (Linux /proc), else by setting and restoring it."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+FILE_MODE = 0o666 & ~current_umask()  # what open() would have given a new file
+FOLDER_MODE = 0o777 & ~current_umask()  # what mkdir() would have given a new folder
+
+
 @contextmanager
 def atomic_file(path: Path, *, fsync: bool = False) -> Iterator[BinaryIO]:
     """A binary handle on a temporary file beside `path`, renamed onto `path` when the block ends
@@ -18,6 +35,7 @@ def atomic_file(path: Path, *, fsync: bool = False) -> Iterator[BinaryIO]:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, FILE_MODE)  # mkstemp makes 0600; results are shared as the user's umask says
         with os.fdopen(fd, "wb") as handle:
             yield handle
             if fsync:

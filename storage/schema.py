@@ -53,6 +53,7 @@ RUNS = pa.schema(
         ("memory_preset_gib", pa.float64()),  # NULL: no memory preset
         ("buckets", pa.bool_()),  # aspect-ratio buckets on
         ("bucket_step", pa.int32()),  # NULL unless buckets
+        ("skipped_files", pa.list_(pa.string())),  # bad dataset files left out (on_bad_file = "skip"): name: reason
         ("encoding_cache", pa.string()),  # "disk" | "memory" | "off": where VAE latents and text outputs were kept
     ]
 )

@@ -7,14 +7,15 @@ fail later.
 
 from __future__ import annotations
 
-import os
+import json
 import shutil
+import tempfile
 from pathlib import Path
 
 from tasks.data.captions import captioner_problem
-from tasks.data.dataset import DatasetError, dataset_fingerprint, dataset_summary, load_clip_tokenizer
+from tasks.data.dataset import MIN_IMAGE_SIDE, DatasetError, dataset_fingerprint, dataset_summary, load_clip_tokenizer
 from tasks.data.demo_world import write_demo_dataset
-from tasks.data.sources import load_items
+from tasks.data.sources import load_dataset
 from tasks.lora.compatibility import lora_file_problems, lora_fit_problems
 from tasks.models.base_model import validate_base_model
 from tasks.models.tiny_sd15 import ensure_tiny_model, ensure_world_model
@@ -65,7 +66,6 @@ def prepare_inputs(spec: SweepSpec) -> PreparedInputs:
         problems.append(f"training.validation_images = {spec.training.validation_images} leaves no training image "
                         f"(the dataset has {count}); allowed: 0 to {count - 1}")
     if spec.metrics.clip_model:
-
         problems += [f"metrics.clip_model: {p}" for p in clip_folder_problems(Path(spec.metrics.clip_model))]
     if spec.render.precision == "fp16" and spec.execution.runner == "threads":  # renders run in this process
 
@@ -98,9 +98,7 @@ def _lora_fit(spec: SweepSpec, index: int, model_paths: dict[str, str]) -> list[
 
 
 def _model_path(spec: SweepSpec, path: str, config: str | None) -> tuple[str, list[str]]:
-
     if path.startswith(BUILTIN_PREFIX):
-
         name = path[len(BUILTIN_PREFIX) :]
         ensure = {"tiny-sd15-world": ensure_world_model, "tiny-sdxl": ensure_tiny_sdxl}.get(name, ensure_tiny_model)
         return str(ensure(builtin_dir(spec) / name)), []
@@ -108,16 +106,36 @@ def _model_path(spec: SweepSpec, path: str, config: str | None) -> tuple[str, li
 
 
 def _family_problems(spec: SweepSpec, path: str, config: str | None) -> list[str]:
-    """Training options the model's family (SD1.x or SDXL) cannot use: a memory preset below its smallest tier."""
-
+    """Training options the model cannot use: a memory preset below its family's smallest tier, a LoRA
+    rank wider than every layer it adapts (a rank wider than some of them is only warned about)."""
     gib = spec.training.memory_preset_gib
-    if gib is None:
+    family = model_family(path, config)
+    if gib is not None:
+        try:
+            memory_preset(gib, family)
+        except ValueError as err:
+            return [f"training.memory_preset_gib = {gib:g}: {err}"]
+    widths = unet_widths(Path(config or path))
+    if not widths:
         return []
+    problems = []
+    for rank in preset_settings(spec.training, family)[1]["ranks"]:
+        if rank > max(widths):
+            problems.append(f"training.ranks: rank {rank} is wider than every layer it adapts (the UNet's widths are "
+                            f"{', '.join(map(str, widths))}); allowed: up to {max(widths)}")
+        elif rank > min(widths):
+            print(f"warning: training.ranks: rank {rank} is wider than the UNet's {min(widths)}-wide layers; there it "
+                  f"adds parameters but no capacity (full rank is {min(widths)})")
+    return problems
+
+
+def unet_widths(model_dir: Path) -> list[int]:
+    """The UNet's block widths (channels) from its config.json: a LoRA's rank is full at a layer's width."""
     try:
-        memory_preset(gib, model_family(path, config))
-    except ValueError as err:
-        return [f"training.memory_preset_gib = {gib:g}: {err}"]
-    return []
+        config = json.loads((model_dir / "unet" / "config.json").read_text())
+        return sorted({int(w) for w in config["block_out_channels"]})
+    except (OSError, ValueError, KeyError, TypeError):
+        return []  # a single file without a config folder: base model validation reports it
 
 
 def training_resolution(spec: SweepSpec, model_paths: dict[str, str], problems: list[str]) -> int:
@@ -136,7 +154,6 @@ def _dataset(spec: SweepSpec, resolution: int) -> tuple[str, str, int, list[str]
     ds = spec.dataset
     path = ds.path
     if path.startswith(BUILTIN_PREFIX):
-
         folder = builtin_dir(spec) / f"{path[len(BUILTIN_PREFIX):]}-{ds.trigger_word}-{resolution}"
         try:
             path = str(write_demo_dataset(folder, trigger=ds.trigger_word, size=resolution))
@@ -145,15 +162,17 @@ def _dataset(spec: SweepSpec, resolution: int) -> tuple[str, str, int, list[str]
     problem = captioner_problem(ds.captioner) if ds.captioner else None
     try:
         # Captions a captioner will write are not known yet: the fingerprint covers the captioner name instead.
-        items = load_items(ds, Path(path), min_size=min(64, resolution))
+        loaded = load_dataset(ds, Path(path), min_size=min(MIN_IMAGE_SIDE, resolution))
     except DatasetError as err:
         return path, "", 0, [f"dataset: {p}" for p in err.problems] + ([problem] if problem else [])
     if problem:
         return path, "", 0, [problem]
-    summary = dataset_summary(items, load_clip_tokenizer(), resolution=resolution,
-                              trigger_word=ds.trigger_word,
-                              step=spec.training.bucket_step if spec.training.buckets else None)
-    print(f"dataset {path} ({ds.source}):\n{summary.format()}")  # log_prints puts it in the Prefect log
+    items = loaded.items
+    summary = dataset_summary(items, load_clip_tokenizer(), resolution=resolution, trigger_word=ds.trigger_word,
+                              step=spec.training.bucket_step if spec.training.buckets else None,
+                              skipped=loaded.skipped, not_images=loaded.not_images)
+    source = ds.source if ds.source != "auto" else f"auto: {loaded.source}"
+    print(f"dataset {path} ({source}):\n{summary.format()}")  # log_prints puts it in the Prefect log
     fingerprint = dataset_fingerprint(items)
     if ds.captioner and summary.missing_captions:
         fingerprint = content_id([fingerprint, ds.captioner])
@@ -166,8 +185,12 @@ def _output_problems(output_dir: Path, field: str = "output_dir") -> list[str]:
         existing = existing.parent
     if not existing.is_dir():
         return [f"{field} {str(output_dir)!r}: {str(existing)!r} is a file, not a folder"]
-    if not os.access(existing, os.W_OK | os.X_OK):
-        return [f"{field} {str(output_dir)!r}: folder {str(existing)!r} is not writable; choose a writable folder"]
+    try:  # access() says yes to root everywhere, /proc included: try a real write
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as err:
+        return [f"{field} {str(output_dir)!r}: folder {str(existing)!r} is not writable ({err.strerror}); "
+                "choose a writable folder"]
     free = shutil.disk_usage(existing).free
     if free < MIN_FREE_BYTES:
         return [f"{field} {str(output_dir)!r}: only {free / 2**20:.0f} MiB free on its disk; "

@@ -47,7 +47,7 @@ def test_dataset_folder_missing(tmp_path: Path) -> None:
 
 def test_dataset_folder_empty(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
-    assert_mentions(problems_for(tmp_path, dataset=tmp_path / "empty"), "found 0 images", "need at least 1", ".png")
+    assert_mentions(problems_for(tmp_path, dataset=tmp_path / "empty"), "found 0 images", "need at least 1", "PNG")
 
 
 def test_caption_missing(tmp_path: Path) -> None:
@@ -139,8 +139,18 @@ def test_output_dir_inside_a_file(tmp_path: Path) -> None:
 
 def test_output_dir_not_writable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # Tests run as root, which ignores permission bits: simulate the answer a normal user gets.
-    monkeypatch.setattr(inputs_module.os, "access", lambda path, mode: False)
-    assert_mentions(problems_for(tmp_path), "output_dir", "not writable", "choose a writable folder")
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(inputs_module.tempfile, "TemporaryFile", refuse)
+    assert_mentions(problems_for(tmp_path), "output_dir", "not writable (Permission denied)",
+                    "choose a writable folder")
+
+
+def test_output_dir_in_a_pseudo_filesystem_is_named_unwritable_not_full(tmp_path: Path) -> None:
+    message = problems_for(tmp_path, output_dir=Path("/proc/lora-sweep-results"))
+    assert_mentions(message, "output_dir '/proc/lora-sweep-results'", "is not writable", "choose a writable folder")
+    assert "MiB free" not in message
 
 
 def test_full_disk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -271,7 +271,7 @@ def test_bad_dataset_spec_values() -> None:
     with pytest.raises(SpecError) as info:
         parse_spec(data)
     message = str(info.value)
-    assert "dataset.source: got 'zip'; Input should be 'sidecar', 'kohya', 'metadata_jsonl' or 'csv'" in message
+    assert "dataset.source: got 'zip'; Input should be 'auto', 'sidecar', 'kohya', 'metadata_jsonl' or 'csv'" in message
     assert "dataset.caption_dropout: got 1.5" in message and "dataset.captioner: got 'clip:/x'; allowed" in message
     data["dataset"] = {"path": "x", "trigger_word": "zqx", "csv_file": "a.csv", "keep_tokens": 1}
     message = str(pytest.raises(SpecError, parse_spec, data).value)

@@ -9,6 +9,8 @@ from pathlib import Path
 import duckdb
 import pytest
 
+from storage.atomic import current_umask
+from tasks.render.png_metadata import parse_parameters, read_png_parameters
 from tests.conftest import small_sweep_data, write_spec
 
 REPO = Path(__file__).resolve().parent.parent
@@ -113,3 +115,18 @@ def test_flow_fails_before_any_work_on_bad_spec(prefect_harness, tmp_path: Path)
         state.result()
     assert "training.ranks" in str(info.value) and "Eulr a" in str(info.value)
     assert not (tmp_path / "out").exists()
+
+
+def test_pngs_say_their_noise_is_drawn_on_the_cpu_and_results_are_readable_by_others(demo_sweep) -> None:
+    """A1111 assumes `RNG: GPU` when a PNG does not say; every file the sweep writes has the mode the
+    user's umask gives (0644 under the usual 022), not the 0600 of a temporary file."""
+    summary, _, _ = demo_sweep
+    root = Path(summary["sweep_root"])
+    pngs = sorted((root / "images").rglob("*.png"))
+    cells = [p for p in pngs if not p.name.startswith("grid-")]
+    assert cells and all(parse_parameters(read_png_parameters(p)[0])["RNG"] == "CPU" for p in cells)
+    mask = current_umask()
+    files = [p for p in root.rglob("*") if p.is_file() and p.suffix != ".lock"]
+    folders = [p for p in root.rglob("*") if p.is_dir()]
+    assert {oct(p.stat().st_mode & 0o777) for p in files} == {oct(0o666 & ~mask)}
+    assert {oct(p.stat().st_mode & 0o777) for p in folders} == {oct(0o777 & ~mask)}

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -16,7 +17,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save, save_file
 
 from storage.layout import SweepLayout
-from tasks.lora.kohya_metadata import with_hashes
+from tasks.data.sources import load_items
+from tasks.lora.kohya_metadata import bucket_info, with_hashes
 from tasks.preflight import prepare_inputs
 from tasks.sweep.hashes import legacy_model_hash, lora_short_hash, model_sha256
 from tasks.sweep.load import parse_spec
@@ -168,3 +170,24 @@ def test_runs_row_records_the_training_options(tmp_path: Path, kohya_dataset: Pa
     expected |= {"optimizer": "adamw", "lr_cycles": 1, "effective_batch_size": 2, "memory_preset_gib": 12.0,
                  "target_modules": list(TARGET_PRESETS["attention+ff"]), "num_images": 2}
     assert {k: row[k] for k in expected} == expected
+
+
+def test_fields_are_written_as_sd_scripts_writes_them(trained) -> None:
+    """ss_optimizer names the optimizer class by module path, ss_text_encoder_lr is "None" without a
+    text-encoder LoRA, and the modelspec keys of sd-scripts' sai_model_spec.py are all there."""
+    run, _, metas = trained
+    meta = metas[-1]
+    assert meta["ss_optimizer"] == "torch.optim.adamw.AdamW(weight_decay=0.01)"
+    assert meta["ss_text_encoder_lr"] == "None"
+    assert {k: v for k, v in meta.items() if k.startswith("modelspec.") and k != "modelspec.date"} == {
+        "modelspec.sai_model_spec": "1.0.1", "modelspec.architecture": "stable-diffusion-v1/lora",
+        "modelspec.implementation": "diffusers", "modelspec.title": run.run_id,
+        "modelspec.resolution": f"{run.resolution}x{run.resolution}", "modelspec.prediction_type": "epsilon"}
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d", meta["modelspec.date"])
+
+
+def test_bucket_counts_include_repeats_as_sd_scripts_counts_them(trained, kohya_dataset: Path) -> None:
+    run, _, _ = trained
+    items = load_items(run.dataset, kohya_dataset, min_size=8)  # 3_zqx: a, b; 1_street: c; all 64x64
+    info = bucket_info(run.model_copy(update={"buckets": True, "bucket_step": 16}), tuple(items))
+    assert [b["count"] for b in info["buckets"].values()] == [3 + 3 + 1]

@@ -234,7 +234,7 @@ def test_checkpoint_records_every_option_in_kohya_metadata_and_checkpoint_json(w
         "ss_network_dropout": "0.1", "ss_lr_scheduler": "cosine", "ss_lr_warmup_steps": "1",
         "ss_gradient_accumulation_steps": "2", "ss_min_snr_gamma": "5.0", "ss_noise_offset": "0.05",
         "ss_mixed_precision": "bf16", "ss_gradient_checkpointing": "True", "ss_text_encoder_lr": "0.0005",
-        "ss_unet_lr": str(LR), "ss_optimizer": "torch.optim.AdamW(weight_decay=0.01)",
+        "ss_unet_lr": str(LR), "ss_optimizer": "torch.optim.adamw.AdamW(weight_decay=0.01)",
         "ss_network_train_unet_only": "False", "ss_total_batch_size": "2"}
     assert json.loads(meta["ss_network_args"]) == {"conv_dim": "2", "conv_alpha": "3.0"}
     assert any(k.startswith("lora_unet_") and "conv" in k for k in keys)

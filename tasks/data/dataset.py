@@ -19,9 +19,16 @@ from transformers import CLIPTokenizer
 
 from tasks.assets import CLIP_TOKENIZER_DIR
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+# Raster image suffixes Pillow reads: a file with one is expected to be an image, so a damaged one is a
+# bad file rather than ignored. Any other file Pillow recognises by its content is an image too.
+READABLE_SUFFIXES = frozenset(
+    ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN and ext in {
+        ".png", ".apng", ".jpg", ".jpeg", ".jpe", ".jfif", ".webp", ".bmp", ".dib", ".gif", ".tif", ".tiff",
+        ".avif", ".tga", ".ppm", ".pgm", ".pbm", ".pnm", ".psd", ".jp2", ".j2k", ".qoi", ".ico"})
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 _EXIF_ORIENTATION = 0x0112
+SUMMARY_LIST_MAX = 10  # files listed by name in the summary; the rest are counted
+MIN_IMAGE_SIDE = 64  # px: smaller images are refused (or skipped), up to the training resolution
 
 
 @dataclass(frozen=True)
@@ -48,36 +55,89 @@ class DatasetError(ValueError):
         super().__init__(f"dataset {folder}: {len(problems)} problem(s):\n{lines}")
 
 
+@dataclass
+class ScanProblems:
+    """What a scan found besides its items. A bad file (unreadable or too small image, caption missing,
+    empty or not UTF-8) is an error, or with `skip_bad_files` (dataset.on_bad_file = "skip") left out
+    and listed in `skipped`. Files that are not images at all are listed in `not_images`."""
+
+    skip_bad_files: bool = False
+    errors: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    not_images: list[str] = field(default_factory=list)
+
+    def bad_file(self, problem: str) -> None:
+        (self.skipped if self.skip_bad_files else self.errors).append(problem)
+
+    def merge(self, other: ScanProblems, prefix: str) -> None:
+        """Add a sub-folder's findings, each named with the sub-folder `prefix`."""
+        for mine, theirs in ((self.errors, other.errors), (self.skipped, other.skipped),
+                             (self.not_images, other.not_images)):
+            mine += [f"{prefix}{p}" for p in theirs]
+
+
 def scan_dataset(
     folder: Path, *, caption_extension: str = ".txt", min_size: int = 8, min_images: int = 1,
-    allow_missing_captions: bool = False, repeats: int = 1,
+    allow_missing_captions: bool = False, repeats: int = 1, problems: ScanProblems | None = None,
 ) -> list[DatasetItem]:
-    """List image + caption pairs, reporting every missing caption, corrupt or too-small image at once."""
+    """List image + caption pairs, reporting every missing caption, corrupt or too-small image at once.
+
+    Images are found by content: every file Pillow opens, whatever its suffix. With `problems` given,
+    findings go there and the caller checks the count; without, they raise DatasetError here.
+    """
     folder = Path(folder)
     if not folder.is_dir():
         raise DatasetError(folder, [f"dataset.path {str(folder)!r} is not a folder"])
-    problems: list[str] = []
+    found = problems if problems is not None else ScanProblems()
     items: list[DatasetItem] = []
-    for path in sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
+    for path in image_files(folder, caption_extension, found):
         caption, problem = _sidecar_caption(path, caption_extension, allow_missing_captions)
         item = None
         if problem is None:
             item, problem = inspect_image(path, folder, caption or "", min_size=min_size, repeats=repeats)
         if problem:
-            problems.append(problem)
+            found.bad_file(problem)
         elif item:
             items.append(item)
-    check_count(folder, items, problems, min_images)
+    if problems is None:
+        check_count(folder, items, found, min_images)
     return items
 
 
-def check_count(folder: Path, items: list[DatasetItem], problems: list[str], min_images: int) -> None:
-    """Raise DatasetError with every problem, or when fewer than `min_images` items were found."""
-    if not problems and len(items) < min_images:
-        allowed = ", ".join(IMAGE_SUFFIXES)
-        problems.append(f"found {len(items)} images, need at least {min_images} (suffixes {allowed})")
-    if problems:
-        raise DatasetError(folder, problems)
+def image_files(folder: Path, caption_extension: str, problems: ScanProblems) -> list[Path]:
+    """Every file under `folder` that is an image by content (Pillow opens it), or claims to be one by
+    its suffix (a damaged image is then a bad file, not silently ignored). Other files are listed as
+    not images; caption files and hidden files (.DS_Store, .git/) are passed over."""
+    images = []
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        relative = path.relative_to(folder)
+        if any(part.startswith(".") for part in relative.parts) or path.suffix.lower() == caption_extension.lower():
+            continue
+        if path.suffix.lower() in READABLE_SUFFIXES or opens_as_image(path):
+            images.append(path)
+        else:
+            problems.not_images.append(f"{relative}: not an image (no format Pillow reads)")
+    return images
+
+
+def opens_as_image(path: Path) -> bool:
+    """Pillow recognises the file's content as an image format it can read."""
+    try:
+        with Image.open(path):
+            return True
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        return False
+
+
+def check_count(folder: Path, items: list[DatasetItem], problems: ScanProblems, min_images: int) -> None:
+    """Raise DatasetError with every error, or when fewer than `min_images` items were found."""
+    if not problems.errors and len(items) < min_images:
+        skipped = (f" ({len(problems.skipped)} bad file(s) skipped: {'; '.join(problems.skipped)})"
+                   if problems.skipped else "")
+        problems.errors.append(f"found {len(items)} images{skipped}, need at least {min_images} "
+                               "(any image format Pillow reads: PNG, JPEG, WebP, BMP, TIFF, GIF, ...)")
+    if problems.errors:
+        raise DatasetError(folder, problems.errors)
 
 
 def _sidecar_caption(path: Path, caption_extension: str, allow_missing: bool) -> tuple[str | None, str | None]:
@@ -85,7 +145,8 @@ def _sidecar_caption(path: Path, caption_extension: str, allow_missing: bool) ->
     if not caption_path.is_file():
         return ("", None) if allow_missing else (None, f"{path.name}: caption file {caption_path.name} is missing")
     try:
-        caption = caption_path.read_text(encoding="utf-8").strip()
+        # utf-8-sig: Windows editors start files with a byte-order mark, which is not caption text.
+        caption = caption_path.read_text(encoding="utf-8-sig").strip()
     except UnicodeDecodeError:
         return None, f"{caption_path.name}: caption is not UTF-8 text"
     if not caption and not allow_missing:
@@ -105,7 +166,7 @@ def inspect_image(path: Path, root: Path, caption: str, *, min_size: int,
             width, height = img.size
             if img.getexif().get(_EXIF_ORIENTATION, 1) in (5, 6, 7, 8):
                 width, height = height, width
-    except (UnidentifiedImageError, OSError, SyntaxError) as err:
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         return None, f"{path.name}: not a readable image ({err})"
     if min(width, height) < min_size:
         return None, f"{path.name}: {width}x{height} is smaller than the minimum side {min_size}px"
@@ -207,6 +268,8 @@ class DatasetSummary:
     long_captions: int
     long_examples: tuple[str, ...]
     max_tokens: int
+    skipped: tuple[str, ...] = ()  # bad files left out (dataset.on_bad_file = "skip"), with the reason
+    not_images: tuple[str, ...] = ()  # files in the folder that are not images
 
     def format(self) -> str:
         """A short text table, one fact per line."""
@@ -220,12 +283,19 @@ class DatasetSummary:
             (f"captions > {self.max_tokens} tokens", self.long_captions),
         ]
         rows += [("  e.g.", example) for example in self.long_examples]
+        for label, entries in (("bad files skipped", self.skipped), ("not images, ignored", self.not_images)):
+            if entries:
+                rows.append((label, len(entries)))
+                rows += [("  -", entry) for entry in entries[:SUMMARY_LIST_MAX]]
+                if len(entries) > SUMMARY_LIST_MAX:
+                    rows.append(("  -", f"... and {len(entries) - SUMMARY_LIST_MAX} more"))
         width = max(len(name) for name, _ in rows)
         return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
 
 
 def dataset_summary(items: list[DatasetItem], tokenizer: Any = None, *, resolution: int = 512,
-                    trigger_word: str | None = None, step: int | None = 64) -> DatasetSummary:
+                    trigger_word: str | None = None, step: int | None = 64, skipped: tuple[str, ...] = (),
+                    not_images: tuple[str, ...] = ()) -> DatasetSummary:
     """Counts, repeats, sizes, the crop sizes training uses (aspect-ratio buckets of `step`; None:
     all one square) and (with a CLIP tokenizer) captions that would be truncated."""
     sizes = [item.size for item in items if min(item.size) > 0]
@@ -244,6 +314,7 @@ def dataset_summary(items: list[DatasetItem], tokenizer: Any = None, *, resoluti
         without_trigger=sum(bool(trigger_word) and trigger_word not in item.caption for item in items),
         long_captions=len(long),
         long_examples=tuple(f"{n} tokens: {c[:60]}..." for n, c in long[:3]), max_tokens=max_tokens,
+        skipped=skipped, not_images=not_images,
     )
 
 

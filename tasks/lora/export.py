@@ -28,6 +28,7 @@ from diffusers.utils import convert_state_dict_to_kohya
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import save_file
 
+from storage.atomic import FILE_MODE, FOLDER_MODE
 from tasks.lora.files import MANIFEST_FILE, STATE_FILE
 from tasks.lora.kohya_metadata import TrainingFacts, kohya_metadata, with_hashes
 from tasks.sweep.plan import TrainingRunSpec
@@ -47,6 +48,7 @@ def save_checkpoint(run: TrainingRunSpec, unet, adapter: str, step: int, checkpo
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
+        tmp.chmod(FOLDER_MODE)  # mkdtemp makes 0700; a results folder is shared as the user's umask says
         unet_state = get_peft_model_state_dict(unet, adapter_name=adapter)
         text_states = [text_encoder_lora_state(encoder, adapter) for encoder in text_encoders]
         # peft-format keys (lora_A/lora_B): diffusers' older key names cannot mix attention and conv layers.
@@ -68,6 +70,8 @@ def save_checkpoint(run: TrainingRunSpec, unet, adapter: str, step: int, checkpo
                     "provenance": provenance()}
         torch.save(training_state, tmp / STATE_FILE)
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
+        for file in tmp.iterdir():  # safetensors writes 0600; results are shared as the user's umask says
+            file.chmod(FILE_MODE)
         if folder.exists():
             shutil.rmtree(folder)
         os.replace(tmp, folder)

@@ -29,8 +29,12 @@ from tasks.sweep.spec import DatasetSpec
 # Per base-model family: kohya's ss_base_model_version and the modelspec architecture A1111/ComfyUI read.
 BASE_MODEL_VERSIONS = {"sd15": "sd_v1", "sdxl": "sdxl_base_v1-0"}
 ARCHITECTURES = {"sd15": "stable-diffusion-v1/lora", "sdxl": "stable-diffusion-xl-v1-base/lora"}
-OPTIMIZER_NAMES = {"adamw": "torch.optim.AdamW(weight_decay=0.01)",
-                   "adamw8bit": "bitsandbytes.optim.AdamW8bit(weight_decay=0.01)"}
+# As sd-scripts writes ss_optimizer: the class's module path and name, then its arguments.
+OPTIMIZER_NAMES = {"adamw": "torch.optim.adamw.AdamW(weight_decay=0.01)",
+                   "adamw8bit": "bitsandbytes.optim.adamw.AdamW8bit(weight_decay=0.01)"}
+# sd-scripts' library/sai_model_spec.py: a LoRA of SDXL names Stability's implementation, of SD1.x diffusers.
+IMPLEMENTATIONS = {"sd15": "diffusers", "sdxl": "https://github.com/Stability-AI/generative-models"}
+MODELSPEC_VERSION = "1.0.1"
 
 
 @dataclass(frozen=True)
@@ -39,6 +43,8 @@ class TrainingFacts:
 
     items: tuple[DatasetItem, ...]
     started: datetime
+    skipped: tuple[str, ...] = ()  # bad files left out of the dataset (dataset.on_bad_file = "skip")
+    prediction_type: str = "epsilon"  # the base model scheduler's: "epsilon" or "v_prediction"
 
 
 def kohya_metadata(run: TrainingRunSpec, step: int, family: str, facts: TrainingFacts) -> dict[str, str]:
@@ -53,9 +59,23 @@ def kohya_metadata(run: TrainingRunSpec, step: int, family: str, facts: Training
         "ss_training_started_at": str(facts.started.timestamp()),
         "ss_training_finished_at": str(datetime.now(timezone.utc).timestamp()),
         "ss_output_name": run.run_id,
-        "modelspec.title": run.run_id,
-        "modelspec.architecture": ARCHITECTURES[family],
+        **modelspec_fields(run, family, facts),
         "lora_sweep.run_id": run.run_id,
+        **({"lora_sweep.skipped_files": json.dumps(list(facts.skipped))} if facts.skipped else {}),
+    }
+
+
+def modelspec_fields(run: TrainingRunSpec, family: str, facts: TrainingFacts) -> dict[str, str]:
+    """The `modelspec.*` keys sd-scripts writes for a LoRA (Stability's ModelSpec 1.0.1)."""
+    prediction = "v" if facts.prediction_type == "v_prediction" else "epsilon"
+    return {
+        "modelspec.sai_model_spec": MODELSPEC_VERSION,
+        "modelspec.architecture": ARCHITECTURES[family],
+        "modelspec.implementation": IMPLEMENTATIONS[family],
+        "modelspec.title": run.run_id,
+        "modelspec.resolution": f"{run.resolution}x{run.resolution}",
+        "modelspec.date": datetime.fromtimestamp(int(facts.started.timestamp())).isoformat(),
+        "modelspec.prediction_type": prediction,
     }
 
 
@@ -131,7 +151,7 @@ def _training_fields(run: TrainingRunSpec, step: int) -> dict[str, str]:
         "ss_max_train_steps": str(run.max_steps),
         "ss_learning_rate": str(run.learning_rate),
         "ss_unet_lr": str(run.learning_rate),
-        "ss_text_encoder_lr": str(run.text_encoder_lr) if run.train_text_encoder else "0",
+        "ss_text_encoder_lr": str(run.text_encoder_lr),  # "None" without a text-encoder LoRA, as sd-scripts
         "ss_lr_scheduler": run.lr_scheduler,
         "ss_lr_warmup_steps": str(run.lr_warmup_steps),
         "ss_gradient_accumulation_steps": str(run.gradient_accumulation_steps),
@@ -166,10 +186,14 @@ def _dataset_fields(run: TrainingRunSpec, step: int, facts: TrainingFacts) -> di
 
 
 def bucket_info(run: TrainingRunSpec, items: tuple[DatasetItem, ...]) -> dict[str, object]:
-    """kohya's `ss_bucket_info`: each bucket's resolution (w, h) and image count, and the mean
-    difference between an image's aspect ratio and its bucket's."""
+    """kohya's `ss_bucket_info`: each bucket's resolution (w, h) and image count, repeats included (sd-scripts
+    adds an image to its bucket once per repeat), and the mean difference between an image's aspect ratio
+    and its bucket's, over images."""
     buckets = crop_sizes(list(items), run.resolution, run.bucket_step)
     error = sum(abs(w / h - bw / bh) for (w, h), (bw, bh) in zip(map(item_size, items), buckets, strict=True))
-    counts = sorted(Counter(buckets).items())
+    counts = Counter()
+    for item, bucket in zip(items, buckets, strict=True):
+        counts[bucket] += item.repeats
+    counts = sorted(counts.items())
     return {"buckets": {str(i): {"resolution": list(size), "count": n} for i, (size, n) in enumerate(counts)},
             "mean_img_ar_error": error / len(items)}

@@ -162,7 +162,8 @@ class _MetadataContext:
             prompt=cell.prompt, negative_prompt=job.negative_prompt, steps=cell.steps,
             sampler=sampler.a1111_sampler, schedule_type=sampler.a1111_schedule_type, cfg_scale=cell.cfg_scale,
             seed=cell.seed, width=job.width, height=job.height, model_hash=self.model_hash,
-            model_name=job.base_model.name, loras=loras, version=f"lora-sweep {lora_sweep_version()}", extra={},
+            model_name=job.base_model.name, loras=loras, version=f"lora-sweep {lora_sweep_version()}",
+            extra={"RNG": "CPU"},  # every seed draws its noise on a CPU generator (A1111 assumes GPU without it)
         )
 
 

@@ -28,12 +28,16 @@ class DatasetSpec(Frozen):
     """Training images and where their captions come from (`source`), or `builtin:demo-world`.
 
     Sources: `sidecar` (img.png + img.txt), `kohya` (`N_name/` repeat folders), `metadata_jsonl`
-    (`file_name` + `text`), `csv` (image column + caption column or template, optional row filter).
+    (`file_name` + `text`), `csv` (image column + caption column or template, optional row filter);
+    `auto` (default): kohya when the folder holds `N_name` repeat folders and no images of its own,
+    else sidecar. `on_bad_file`: a damaged or too-small image, or a missing caption, stops the sweep
+    (`error`) or is left out and listed (`skip`).
     """
 
     path: str
     trigger_word: str = Field(min_length=1)
-    source: Literal["sidecar", "kohya", "metadata_jsonl", "csv"] = "sidecar"
+    source: Literal["auto", "sidecar", "kohya", "metadata_jsonl", "csv"] = "auto"
+    on_bad_file: Literal["error", "skip"] = "error"
     caption_extension: str = Field(default=".txt", pattern=r"^\.[A-Za-z0-9]+$")
     min_images: PositiveInt = 1
     metadata_file: str = Field(default="metadata.jsonl", min_length=1)
@@ -71,7 +75,7 @@ class DatasetSpec(Frozen):
     @model_validator(mode="after")
     def _source_fields_agree(self) -> DatasetSpec:
         problems = []
-        if self.path.startswith(BUILTIN_PREFIX) and self.source != "sidecar":
+        if self.path.startswith(BUILTIN_PREFIX) and self.source not in ("auto", "sidecar"):
             problems.append(f"{self.path} is a sidecar dataset; source {self.source!r} needs a folder path")
         csv_only = {"csv_file": self.csv_file, "csv_caption_column": self.csv_caption_column,
                     "caption_template": self.caption_template, "csv_filter": self.csv_filter or None}

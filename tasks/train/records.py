@@ -75,7 +75,7 @@ def checkpoint_row(run: TrainingRunSpec, layout: SweepLayout, step: int, losses:
 
 
 def write_run_row(run: TrainingRunSpec, layout: SweepLayout, started: datetime, *, status: str,
-                  error: str | None, stats: dict[str, float]) -> None:
+                  error: str | None, stats: dict[str, object]) -> None:
     """The run's one `runs` row: every option it trained with, its status and measurements."""
     finished = datetime.now(timezone.utc)
     row = {
@@ -97,5 +97,6 @@ def write_run_row(run: TrainingRunSpec, layout: SweepLayout, started: datetime, 
         "validation_images": run.validation_images,
         "memory_preset_gib": run.memory_preset.gib if run.memory_preset else None,
         "buckets": run.buckets, "bucket_step": run.bucket_step if run.buckets else None, "encoding_cache": run.cache,
+        "skipped_files": stats.get("skipped_files"),
     }
     write_rows("runs", [row], layout.table_file("runs", run.run_id))

@@ -19,7 +19,8 @@ from peft.utils import get_peft_model_state_dict
 from storage.layout import SweepLayout
 from storage.parquet_io import write_rows
 from tasks.data.captions import load_captioner
-from tasks.data.sources import load_items
+from tasks.data.dataset import MIN_IMAGE_SIDE
+from tasks.data.sources import load_dataset
 from tasks.lora.export import save_checkpoint
 from tasks.lora.files import checkpoint_complete
 from tasks.lora.kohya_metadata import TrainingFacts
@@ -52,16 +53,18 @@ def train_lora(run: TrainingRunSpec) -> TrainingResult:
     return completed(run, layout)
 
 
-def _train(run: TrainingRunSpec, layout: SweepLayout, started: datetime) -> dict[str, float]:
+def _train(run: TrainingRunSpec, layout: SweepLayout, started: datetime) -> dict[str, object]:
     device = torch_device()
     check_training_support(run, device)  # before any model is loaded
     family = model_family(run.base_model_path, run.base_model.config)
     log_memory_preset(run)
     captioner = load_captioner(run.dataset.captioner, device=device) if run.dataset.captioner else None
-    items = load_items(run.dataset, Path(run.dataset_path), min_size=8, captioner=captioner)
-    items, held_out = split_validation(items, run.validation_images, run.seed)
-    facts = TrainingFacts(tuple(items), started)  # what the kohya metadata records
+    loaded = load_dataset(run.dataset, Path(run.dataset_path), min_size=min(MIN_IMAGE_SIDE, run.resolution),
+                          captioner=captioner)
+    items, held_out = split_validation(loaded.items, run.validation_images, run.seed)
     pipe = load_pipeline(run.base_model_path, config=run.base_model.config, device=device)
+    prediction = pipe.scheduler.config.get("prediction_type", "epsilon")
+    facts = TrainingFacts(tuple(items), started, loaded.skipped, prediction)  # what the kohya metadata records
     validation = prepare_validation(pipe, held_out, run.resolution, run.seed, device) if held_out else None
     resume = latest_training_state(run, layout)
     if resume:
@@ -100,6 +103,7 @@ def _train(run: TrainingRunSpec, layout: SweepLayout, started: datetime) -> dict
         "trainable_params": history.trainable_params,
         "num_images": len(items),
         "peak_memory_mb": peak_memory_mb(device),
+        "skipped_files": list(loaded.skipped),
     }
 
 
