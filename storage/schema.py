@@ -107,6 +107,8 @@ IMAGES = pa.schema(
         # JSON list of the LoRAs stacked on the image besides ours ([{name, path, weight, sha256}]); null: none.
         ("extra_loras", pa.string()),
         ("precision", pa.string()),  # "fp32" | "fp16" | "bf16" the image was rendered in; null: before it was recorded
+        ("prompt_syntax", pa.string()),  # "a1111" | "plain": how the prompt conditioned the image; null: before
+        ("prompt_tokens", pa.int32()),  # CLIP tokens of the prompt as A1111 counts them (75 per chunk); > 75 plain: cut
     ]
 )
 

@@ -26,6 +26,7 @@ from tasks.sweep.ids import content_id
 from tasks.sweep.model_family import model_family
 from tasks.sweep.plan import PreparedInputs, preset_settings
 from tasks.sweep.presets import memory_preset
+from tasks.sweep.prompt_syntax import CHUNK_TOKENS
 from tasks.sweep.spec import BUILTIN_PREFIX, SweepSpec
 
 MIN_FREE_BYTES = 200 * 2**20
@@ -79,7 +80,21 @@ def prepare_inputs(spec: SweepSpec) -> PreparedInputs:
             problems += _lora_fit(spec, index, model_paths)
     if problems:
         raise InputError(problems)
+    warn_long_prompts(spec)
     return PreparedInputs(model_paths, dataset_path, fingerprint, count)
+
+
+def warn_long_prompts(spec: SweepSpec) -> None:
+    """With prompt_syntax = "plain", a prompt past CLIP's 75 tokens is cut: say so, once, before any work."""
+    if spec.render.prompt_syntax != "plain":
+        return
+    tokenizer = load_clip_tokenizer()
+    for field, text in [*((f"render.prompts[{i}]", p) for i, p in enumerate(spec.prompt_texts())),
+                        ("render.negative_prompt", spec.render.negative_prompt)]:
+        count = len(tokenizer(text, add_special_tokens=False, verbose=False).input_ids)
+        if count > CHUNK_TOKENS:
+            print(f"warning: {field} has {count} tokens; with render.prompt_syntax = 'plain' only the first "
+                  f"{CHUNK_TOKENS} condition the image (prompt_syntax = 'a1111' encodes all, in 75-token chunks)")
 
 
 def _lora_fit(spec: SweepSpec, index: int, model_paths: dict[str, str]) -> list[str]:

@@ -13,18 +13,16 @@ from tasks.data.dataset import load_clip_tokenizer
 from tasks.models.base_model import load_pipeline
 from tasks.models.tiny_sdxl import ensure_tiny_sdxl
 from tasks.render.prompts import (
-    CHUNK_LENGTH,
     PromptChunks,
     apply_emphasis,
     chunk_prompt,
     encode_prompt_pair,
     encode_prompts,
     pad_to_same_length,
-    parse_prompt_attention,
     text_components,
     token_count,
-    uses_a1111_syntax,
 )
+from tasks.sweep.prompt_syntax import CHUNK_LENGTH, parse_prompt_attention, uses_a1111_syntax
 
 BOS, EOS, COMMA = 49406, 49407, 267
 # Single-token words, no commas: n of them make n prompt tokens.

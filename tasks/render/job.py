@@ -10,6 +10,7 @@ found again on a re-run, so an interrupted job only renders what is missing.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import logging
@@ -25,8 +26,10 @@ from tqdm.auto import tqdm
 from storage.atomic import atomic_file
 from storage.layout import SweepLayout
 from storage.parquet_io import write_rows
+from tasks.data.dataset import load_clip_tokenizer
 from tasks.lora.files import DIFFUSERS_FILE
 from tasks.models.base_model import MODEL_BUILD_LOCK, load_pipeline
+from tasks.render.conditioning import PromptConditioner, prompt_tokens
 from tasks.render.grid_image import job_title, write_grid_images
 from tasks.render.png_metadata import ImageParameters, png_info, read_png_parameters
 from tasks.render.samplers import make_scheduler
@@ -73,7 +76,9 @@ def render_job(job: RenderJobSpec) -> Path:
     log.info("render %s: %d images, %d already on disk", job.render_id, len(cells), len(cells) - len(todo))
     if todo:
         _render_missing(job, todo, out_dir)
-    rows = [_image_row(job, c, out_dir / f"{image_id(job, c)}.png") for c in cells]
+    tokenizer = load_clip_tokenizer()  # the CLIP BPE vocabulary SD1.x and SDXL share: counts only
+    tokens = {p: prompt_tokens(p, job.prompt_syntax, tokenizer) for p in job.prompts}
+    rows = [_image_row(job, c, out_dir / f"{image_id(job, c)}.png", tokens[c.prompt]) for c in cells]
     _write_grids(job, layout, rows, out_dir)
     return write_rows("images", rows, table_file)
 
@@ -92,8 +97,8 @@ def _render_missing(job: RenderJobSpec, todo: list[Cell], out_dir: Path) -> None
     pipe = load_pipeline(job.base_model_path, config=job.base_model.config, device=torch_device(),
                          torch_dtype=PRECISIONS[job.precision])
     pipe.set_progress_bar_config(disable=True)
-    base_config = dict(pipe.scheduler.config)
-    context = _MetadataContext.build(job)
+    batch = _BatchRenderer(pipe, job, dict(pipe.scheduler.config), PromptConditioner(pipe, job, torch_device()),
+                           _MetadataContext.build(job), out_dir)
     extras = _load_loras(pipe, job)
     progress = tqdm(total=len(todo), desc=f"render {job.render_id}", leave=False)
     for key, group in itertools.groupby(todo, key=lambda c: (c.lora_weight, c.sampler, c.steps, c.cfg_scale)):
@@ -105,23 +110,42 @@ def _render_missing(job: RenderJobSpec, todo: list[Cell], out_dir: Path) -> None
             pipe.set_adapters(names, adapter_weights=weights)
         cells = list(group)
         for start in range(0, len(cells), MAX_BATCH):
-            chunk = cells[start : start + MAX_BATCH]
-            # One seed per image: SDE samplers get a noise sampler per image, so no pixel depends on the batch.
-            pipe.scheduler = make_scheduler(sampler, base_config, seed=[c.seed for c in chunk])
-            t0 = time.perf_counter()
-            images = pipe(
-                prompt=[c.prompt for c in chunk], negative_prompt=[job.negative_prompt] * len(chunk),
-                num_inference_steps=steps, guidance_scale=cfg, width=job.width, height=job.height,
-                generator=[torch.Generator(device="cpu").manual_seed(c.seed) for c in chunk],
-            ).images
-            per_image = (time.perf_counter() - t0) / len(chunk)
-            for cell, image in zip(chunk, images):
-                _save_png(image, out_dir / f"{image_id(job, cell)}.png", context.parameters(job, cell),
-                          {"image_id": image_id(job, cell), "render_id": job.render_id, "render_s": per_image,
-                           "run_id": job.checkpoint.run_id if job.checkpoint else None,
-                           "checkpoint_id": job.checkpoint.checkpoint_id if job.checkpoint else None})
-            progress.update(len(chunk))
+            for _, same in itertools.groupby(cells[start : start + MAX_BATCH], key=batch.conditioner.group_key):
+                batch.render(list(same), sampler, steps, cfg)
+            progress.update(len(cells[start : start + MAX_BATCH]))
     progress.close()
+
+
+@dataclass(frozen=True)
+class _BatchRenderer:
+    """Renders cells that share sampler, steps, CFG and conditioning length in one pipeline call."""
+
+    pipe: object
+    job: RenderJobSpec
+    base_config: dict
+    conditioner: PromptConditioner
+    context: _MetadataContext
+    out_dir: Path
+
+    def render(self, chunk: list[Cell], sampler: str, steps: int, cfg: float) -> None:
+        job = self.job
+        # One seed per image: SDE samplers get a noise sampler per image, so no pixel depends on the batch.
+        self.pipe.scheduler = make_scheduler(sampler, self.base_config, seed=[c.seed for c in chunk])
+        condition = self.conditioner.conditioning(chunk)
+        t0 = time.perf_counter()
+        images = self.pipe(
+            **condition.kwargs, num_inference_steps=steps, guidance_scale=cfg, width=job.width, height=job.height,
+            generator=[torch.Generator(device="cpu").manual_seed(c.seed) for c in chunk],
+        ).images
+        per_image = (time.perf_counter() - t0) / len(chunk)
+        for cell, image in zip(chunk, images):
+            params = self.context.parameters(job, cell)
+            extra = {**params.extra, **condition.infotext, **self.conditioner.cell_infotext(cell)}
+            params = dataclasses.replace(params, extra=extra)
+            _save_png(image, self.out_dir / f"{image_id(job, cell)}.png", params,
+                      {"image_id": image_id(job, cell), "render_id": job.render_id, "render_s": per_image,
+                       "run_id": job.checkpoint.run_id if job.checkpoint else None,
+                       "checkpoint_id": job.checkpoint.checkpoint_id if job.checkpoint else None})
 
 
 def _load_loras(pipe, job: RenderJobSpec) -> list[str]:
@@ -172,7 +196,7 @@ def _save_png(image: Image.Image, path: Path, params: ImageParameters, ids: dict
         image.save(handle, format="PNG", pnginfo=png_info(params, ids))
 
 
-def _image_row(job: RenderJobSpec, cell: Cell, path: Path) -> dict[str, object]:
+def _image_row(job: RenderJobSpec, cell: Cell, path: Path, tokens: int) -> dict[str, object]:
     _, ours = read_png_parameters(path)
     ckpt = job.checkpoint
     return {
@@ -186,4 +210,5 @@ def _image_row(job: RenderJobSpec, cell: Cell, path: Path) -> dict[str, object]:
         "render_s": float(ours.get("render_s", 0.0)),
         "extra_loras": json.dumps([x.model_dump() for x in job.extra_loras]) if job.extra_loras else None,
         "precision": job.precision,  # resolved by render_job: the image id holds it
+        "prompt_syntax": job.prompt_syntax, "prompt_tokens": tokens,
     }

@@ -7,6 +7,7 @@ a changed spec gets new ids only where something really changed.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -17,6 +18,7 @@ from tasks.sweep.hashes import file_sha256
 from tasks.sweep.ids import content_id, jsonable, with_later_options
 from tasks.sweep.model_family import ModelFamily, model_family
 from tasks.sweep.presets import MemoryPreset, memory_preset
+from tasks.sweep.prompt_syntax import may_render_differently
 from tasks.sweep.spec import BaseModelSpec, DatasetSpec, SweepSpec, TrainingSpec
 
 
@@ -114,6 +116,7 @@ class RenderJobSpec(_Frozen):
     clip_model_path: str | None  # a local CLIP folder: adds CLIP scores
     extra_loras: tuple[ExtraLoraRef, ...] = ()  # stacked on every image of the job, the baseline's too
     precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"  # resolved by the render task on its device
+    prompt_syntax: Literal["a1111", "plain"] = "plain"  # how prompts become conditioning (RenderSpec)
 
 
 @dataclass(frozen=True)
@@ -178,8 +181,12 @@ LATER_RUN_OPTIONS: dict[str, tuple[object, ...]] = {
 }
 # The same for render jobs and images. "auto" precision and no extra LoRAs are the jobs from before
 # those options; an image rendered in fp32 keeps its id whether "auto" or "fp32" asked for it.
-LATER_RENDER_OPTIONS: dict[str, tuple[object, ...]] = {"extra_loras": ([],), "precision": ("auto",)}
-LATER_IMAGE_OPTIONS: dict[str, tuple[object, ...]] = {"extra_loras": ([],), "precision": ("auto", "fp32")}
+# A1111 prompt syntax only changes prompts that use it or may be longer than one chunk; for the rest
+# it is "plain", what every image was before the option existed (prompt_syntax_in_effect).
+LATER_RENDER_OPTIONS: dict[str, tuple[object, ...]] = {"extra_loras": ([],), "precision": ("auto",),
+                                                       "prompt_syntax": ("plain",)}
+LATER_IMAGE_OPTIONS: dict[str, tuple[object, ...]] = {"extra_loras": ([],), "precision": ("auto", "fp32"),
+                                                      "prompt_syntax": ("plain",)}
 
 
 def run_content_id(fields: dict[str, object], model: BaseModelSpec, dataset: DatasetSpec) -> str:
@@ -252,7 +259,8 @@ def render_jobs(
             if ckpt is not None and not weights:
                 continue
             identity = {"model": model.model_dump(), "ckpt": ckpt and ckpt.checkpoint_id, "w": weights, **grid}
-            later = {"extra_loras": [x.model_dump(exclude={"path"}) for x in extras], "precision": r.precision}
+            later = {"extra_loras": [x.model_dump(exclude={"path"}) for x in extras], "precision": r.precision,
+                     "prompt_syntax": prompt_syntax_in_effect(r.prompt_syntax, grid["prompts"], r.negative_prompt)}
             identity = with_later_options(identity, later, LATER_RENDER_OPTIONS)
             tag = f"{model.name}-baseline" if ckpt is None else ckpt.checkpoint_id
             render_id = f"{tag}-{content_id(jsonable(identity), 10)}"
@@ -269,6 +277,7 @@ def render_jobs(
                     baseline_render_id=None if ckpt is None else baseline_id,
                     extra_loras=extras,
                     precision=r.precision,
+                    prompt_syntax=r.prompt_syntax,
                     **grid,
                     **scoring,
                 )
@@ -304,6 +313,13 @@ def grid_cells(job: RenderJobSpec) -> list[Cell]:
     ]
 
 
+def prompt_syntax_in_effect(syntax: str, prompts: Sequence[str], negative_prompt: str) -> str:
+    """`syntax`, or "plain" when no prompt (nor the negative) can condition differently under it."""
+    if syntax == "plain" or not any(may_render_differently(p) for p in [*prompts, negative_prompt]):
+        return "plain"
+    return syntax
+
+
 def image_id(job: RenderJobSpec, cell: Cell) -> str:
     """Identity of an image: everything that determines its pixels."""
     ckpt = job.checkpoint.checkpoint_id if job.checkpoint else None
@@ -313,5 +329,6 @@ def image_id(job: RenderJobSpec, cell: Cell) -> str:
         "cfg": cell.cfg_scale, "weight": weight, "prompt": cell.prompt, "negative": job.negative_prompt,
         "seed": cell.seed, "size": [job.width, job.height],
     }
-    later = {"extra_loras": [[x.name, x.sha256, x.weight] for x in job.extra_loras], "precision": job.precision}
+    later = {"extra_loras": [[x.name, x.sha256, x.weight] for x in job.extra_loras], "precision": job.precision,
+             "prompt_syntax": prompt_syntax_in_effect(job.prompt_syntax, [cell.prompt], job.negative_prompt)}
     return content_id(with_later_options(identity, later, LATER_IMAGE_OPTIONS))

@@ -254,6 +254,9 @@ class RenderSpec(Frozen):
     extra_loras: tuple[ExtraLoraSpec, ...] = ()
     # Weights and activations while rendering: "auto" is fp16 on a CUDA GPU, fp32 on the CPU.
     precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
+    # "a1111": (x), [x], (x:1.3), BREAK and prompts longer than 75 tokens (in 75-token chunks) as in
+    # AUTOMATIC1111; "plain": the text as written, cut at CLIP's 77 tokens (diffusers' own behaviour).
+    prompt_syntax: Literal["a1111", "plain"] = "a1111"
 
     @field_validator("seeds", "steps", "lora_weights", "cfg_scales", "prompts")
     @classmethod
