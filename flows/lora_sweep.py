@@ -32,8 +32,14 @@ def lora_sweep(spec_path: str = "sweeps/demo.toml"):
     """Run the sweep described by the TOML file at `spec_path` (relative to the working directory)."""
     logger = get_run_logger()
     started = time.perf_counter()
-    spec = load_spec_task(spec_path)
-    inputs = prepare_inputs_task(spec)
+    spec_state = load_spec_task(spec_path, return_state=True)
+    if spec_state.is_failed():  # the user's spec: one message naming every problem, no traceback
+        return Failed(message=spec_state.message)
+    spec = spec_state.result()
+    inputs_state = prepare_inputs_task(spec, return_state=True)
+    if inputs_state.is_failed():
+        return Failed(message=inputs_state.message)
+    inputs = inputs_state.result()
     layout = SweepLayout(sweep_root(spec))
     layout.root.mkdir(parents=True, exist_ok=True)
     write_resolved_spec(layout, spec, spec_path)

@@ -16,13 +16,15 @@ from pathlib import Path
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
+from prefect.client.schemas.objects import State
 from prefect.concurrency.sync import concurrency
+from prefect.states import Failed
 
 from reports.build_report import build_report
 from storage.catalog import build_catalog
 from storage.layout import SweepLayout
 from tasks.sweep.devices import cpu_threads_per_task
-from tasks.sweep.load import load_spec
+from tasks.sweep.load import SpecError, load_spec
 from tasks.sweep.plan import PreparedInputs, RenderJobSpec, TrainingRunSpec
 from tasks.sweep.spec import SweepSpec
 from tasks.train.child_process import train_in_subprocess
@@ -30,15 +32,24 @@ from tasks.train.remote import train_via_deployment
 
 
 @task(name="load-spec", cache_policy=NO_CACHE)
-def load_spec_task(spec_path: str) -> SweepSpec:
-    return load_spec(spec_path)
+def load_spec_task(spec_path: str) -> SweepSpec | State:
+    """The validated spec, or a Failed state whose message lists every problem (a user's mistake is not
+    a crash: no traceback)."""
+    try:
+        return load_spec(spec_path)
+    except SpecError as err:
+        return Failed(message=str(err))
 
 
 @task(name="prepare-inputs", cache_policy=NO_CACHE)
-def prepare_inputs_task(spec: SweepSpec) -> PreparedInputs:
-    from tasks.preflight import prepare_inputs  # torch: see the module docstring
+def prepare_inputs_task(spec: SweepSpec) -> PreparedInputs | State:
+    """Checked inputs, or a Failed state listing every problem with them (no traceback, nothing written)."""
+    from tasks.preflight import InputError, prepare_inputs  # torch: see the module docstring
 
-    return prepare_inputs(spec)
+    try:
+        return prepare_inputs(spec)
+    except InputError as err:
+        return Failed(message=str(err))
 
 
 def gpu_slot(limit: str | None):

@@ -47,7 +47,26 @@ def builtin_dir(spec: SweepSpec) -> Path:
 
 
 def prepare_inputs(spec: SweepSpec) -> PreparedInputs:
-    """Validate base models, dataset and output folder; build builtin assets; raise InputError on any problem."""
+    """Validate base models, dataset and output folder; build builtin assets; raise InputError on any problem.
+
+    A sweep refused here leaves nothing behind: builtin assets (and the output folder) this call made
+    are removed again; what was there before is never touched.
+    """
+    builtins = builtin_dir(spec)
+    new_folders = [p for p in (Path(spec.output_dir), builtins) if not p.exists()]
+    had = set(builtins.iterdir()) if builtins.is_dir() else set()
+    try:
+        return _prepare(spec)
+    except InputError:
+        for entry in set(builtins.iterdir()) - had if builtins.is_dir() else ():
+            shutil.rmtree(entry, ignore_errors=True)
+        for folder in reversed(new_folders):
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
+        raise
+
+
+def _prepare(spec: SweepSpec) -> PreparedInputs:
     problems = _output_problems(Path(spec.output_dir))
     if spec.training.cache_dir:
         problems += [f"training.{p} (or set training.cache = 'memory')"

@@ -170,3 +170,13 @@ def test_clip_model_folder_missing(tmp_path: Path) -> None:
     with pytest.raises(InputError) as info:
         prepare_inputs(parse_spec(data))
     assert_mentions(str(info.value), "metrics.clip_model", "clip", "does not exist")
+
+
+def test_a_refused_sweep_leaves_no_builtin_assets_or_output_folder_behind(tmp_path: Path) -> None:
+    out = tmp_path / "results"
+    message = problems_for(tmp_path, dataset=tmp_path / "missing", output_dir=out)
+    assert "dataset" in message
+    assert not out.exists()
+    (out / "builtin" / "kept").mkdir(parents=True)  # made earlier by another sweep: never touched
+    problems_for(tmp_path, dataset=tmp_path / "missing", output_dir=out)
+    assert [p.name for p in (out / "builtin").iterdir()] == ["kept"]

@@ -163,7 +163,8 @@ def test_score_task_adds_clip_rows_for_every_image(clip_dir: Path, tmp_path: Pat
                      "checkpoint_id": None, "rank": None, "checkpoint_step": None, "sampler": "Euler", "steps": 2,
                      "lora_weight": 0.0, "cfg_scale": 7.0, "prompt_index": 0, "prompt": "a photo of zqx",
                      "negative_prompt": "", "seed": seed, "width": 64, "height": 64, "path": str(path),
-                     "render_s": 0.1, "extra_loras": None, "precision": "fp32"})
+                     "render_s": 0.1, "extra_loras": None, "precision": "fp32",
+                     "prompt_syntax": "a1111", "prompt_tokens": 4})
     write_rows("images", rows, layout.table_file("images", "r1"))
     import pyarrow.parquet as pq
 

@@ -130,3 +130,15 @@ def test_pngs_say_their_noise_is_drawn_on_the_cpu_and_results_are_readable_by_ot
     folders = [p for p in root.rglob("*") if p.is_dir()]
     assert {oct(p.stat().st_mode & 0o777) for p in files} == {oct(0o666 & ~mask)}
     assert {oct(p.stat().st_mode & 0o777) for p in folders} == {oct(0o777 & ~mask)}
+
+
+def test_flow_with_bad_inputs_fails_with_one_message_and_writes_nothing(prefect_harness, tmp_path: Path,
+                                                                         caplog) -> None:
+    from flows.lora_sweep import lora_sweep
+
+    data = small_sweep_data(tmp_path / "out")
+    data["dataset"]["path"] = str(tmp_path / "no-such-folder")
+    state = lora_sweep(spec_path=str(write_spec(tmp_path, data)), return_state=True)
+    assert state.is_failed() and "no-such-folder" in state.message and "is not a folder" in state.message
+    assert "Traceback" not in caplog.text
+    assert not (tmp_path / "out").exists()

@@ -57,7 +57,7 @@ def run_row(run_id: str, rank: int, status: str, error: str | None, layout: Swee
         "effective_batch_size": 1, "min_snr_gamma": None, "noise_offset": 0.0, "mixed_precision": "no",
         "gradient_checkpointing": False, "optimizer": "adamw", "train_text_encoder": False, "text_encoder_lr": None,
         "validation_images": 0, "memory_preset_gib": None, "buckets": False, "bucket_step": None,
-        "encoding_cache": "disk",
+        "encoding_cache": "disk", "skipped_files": None,
     }
 
 
@@ -76,7 +76,7 @@ def image_row(layout: SweepLayout, n: int, render_id: str, run_id: str | None, r
         "cfg_scale": 7.5, "prompt_index": prompt_index, "prompt": PROMPTS[prompt_index],
         "negative_prompt": "", "seed": seed, "width": 32, "height": 32,
         "path": str(relative if n % 2 == 0 else layout.root / relative), "render_s": 0.27,
-        "extra_loras": EXTRA_LORAS, "precision": "fp32",
+        "extra_loras": EXTRA_LORAS, "precision": "fp32", "prompt_syntax": "a1111", "prompt_tokens": 5,
     }
 
 
@@ -330,3 +330,14 @@ def test_report_in_headless_chromium(sweep: SweepLayout, page: CDPSession, tmp_p
     assert not [e for e in page.events if e["method"] == "Page.javascriptDialogOpening"]
     assert (tmp_path / "report.png").stat().st_size > 10_000
 
+
+
+def test_skipped_dataset_files_are_listed_once(tmp_path: Path) -> None:
+    layout = SweepLayout(tmp_path / "skips")
+    skipped = ["broken.png: not a readable image (cannot identify image file)", "tiny.png: 16x16 is too small"]
+    rows = [{**run_row(f"run-{r}", r, "completed", None, layout), "skipped_files": skipped} for r in (4, 8)]
+    write_rows("runs", rows, layout.table_file("runs", "all"))
+    text = build_report(layout.root).read_text(encoding="utf-8")
+    section = re.search(r'<h3 id="skipped">(.*?)</ul>', text, re.S).group(1)
+    assert "Dataset files left out (2)" in section
+    assert re.findall(r"<li><code>(.*?)</code></li>", section) == skipped
