@@ -13,7 +13,7 @@ from PIL import Image
 from tasks.preflight import prepare_inputs
 from tasks.render.job import render_job
 from tasks.render.png_metadata import parse_parameters, read_png_parameters
-from tasks.sweep.load import parse_spec
+from tasks.sweep.load import SpecError, parse_spec
 from tasks.sweep.plan import grid_cells, image_id, render_jobs, training_runs
 from tests.conftest import small_sweep_data
 
@@ -90,3 +90,12 @@ def test_plain_syntax_warns_before_work_that_a_long_prompt_is_cut(tmp_path: Path
     data["render"] |= {"prompts": [LONG], "prompt_syntax": "plain"}
     prepare_inputs(parse_spec(data))
     assert "warning: render.prompts[0] has " in capsys.readouterr().out
+
+
+def test_a_weight_that_is_no_number_is_refused_before_work(tmp_path: Path) -> None:
+    data = small_sweep_data(tmp_path)
+    data["render"] |= {"prompts": ["zqx (cat:1.2.3)"]}
+    with pytest.raises(SpecError, match=r"render: prompts\[0\]: prompt weight '1.2.3' is not a number"):
+        parse_spec(data)
+    data["render"]["prompt_syntax"] = "plain"  # then the text is only text
+    parse_spec(data)

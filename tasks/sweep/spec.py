@@ -17,6 +17,7 @@ from tasks.sweep.execution_spec import ExecutionSpec
 from tasks.sweep.fields import Frozen, PositiveInt, Seed, unique_values
 from tasks.sweep.ids import content_id
 from tasks.sweep.presets import TARGET_PRESETS
+from tasks.sweep.prompt_syntax import parse_prompt_attention
 from tasks.sweep.sampler_names import a1111_pair_problems, resolve_sampler
 
 BUILTIN_PREFIX = "builtin:"
@@ -277,6 +278,20 @@ class RenderSpec(Frozen):
     def _unique_extra_names(cls, value: tuple[ExtraLoraSpec, ...]) -> tuple[ExtraLoraSpec, ...]:
         unique_values(tuple(x.name for x in value), "extra_loras names")
         return value
+
+    @model_validator(mode="after")
+    def _prompts_parse(self) -> RenderSpec:
+        if self.prompt_syntax == "a1111":
+            problems = []
+            for field, text in [*((f"prompts[{i}]", p) for i, p in enumerate(self.prompts)),
+                                ("negative_prompt", self.negative_prompt)]:
+                try:
+                    parse_prompt_attention(text)
+                except ValueError as err:
+                    problems.append(f"{field}: {err}; allowed: (text:1.3) with a number, or prompt_syntax = 'plain'")
+            if problems:
+                raise ValueError("; ".join(problems))
+        return self
 
     def with_absolute_paths(self, absolute: Any) -> RenderSpec:
         """Extra LoRA paths resolved by `absolute` (relative to the spec's folder, like every spec path)."""
