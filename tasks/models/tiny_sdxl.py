@@ -17,6 +17,7 @@ from tasks.models.tiny_sd15 import (
     MARKER,
     TEXT_CONFIG,
     TOKENIZER_DIR,
+    UNET_CONFIG,
     VAE_CONFIG,
     TinyBuild,
     core_components,
@@ -28,12 +29,8 @@ SDXL_BUILD_ENTRIES = {"model_index.json", "unet", "vae", "text_encoder", "text_e
                       "scheduler", MARKER}
 TEXT_HIDDEN = TEXT_CONFIG["hidden_size"]
 TIME_EMBED_DIM = 8
-SDXL_UNET_CONFIG = {
-    "sample_size": 8,  # 64 px images / 8
-    "in_channels": 4,
-    "out_channels": 4,
-    "block_out_channels": (32, 64),
-    "layers_per_block": 1,
+SDXL_UNET_CONFIG = {  # the SD1.5 tiny UNet's sizes, with SDXL's block order and conditioning
+    **UNET_CONFIG,
     "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),  # SDXL order: plain first, attention deeper
     "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"),
     "cross_attention_dim": 2 * TEXT_HIDDEN,  # both encoders' hidden states, concatenated
