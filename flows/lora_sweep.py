@@ -3,31 +3,42 @@ then build the DuckDB catalog and the HTML report.
 
 Final state: COMPLETED when every run and render succeeded. When some failed, everything else
 still finishes (other runs, their renders, catalog and report, with the failures recorded as
-data) and the flow then ends FAILED, naming what failed, so schedules and alerts notice.
+data) and the flow then ends FAILED, naming what failed, so schedules and alerts notice. A file the
+disk refuses at the end (manifest, catalog, report: full, read-only) also ends it FAILED, naming the
+folder, instead of crashing it (docs/faults.md).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
+from prefect.client.schemas.objects import State
 from prefect.futures import PrefectFuture
 from prefect.states import Failed
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.execution import sweep_executor
+from flows.render_outcomes import record_render_outcomes
+from flows.stale_runs import register_flow_run, release_flow_run_lock
 from storage.catalog import Manifest, connect
 from storage.layout import SweepLayout
 from tasks.prefect_tasks import catalog_task, load_spec_task, prepare_inputs_task, report_task
 from tasks.sweep.devices import CONCURRENT_TASKS
 from tasks.sweep.plan import CheckpointRef, render_jobs, sweep_root, training_runs
 from tasks.sweep.provenance import provenance
+from tasks.sweep.spec import SweepSpec
+
+# Whatever the run's end, its liveness lock goes (flows/stale_runs.py); a killed run's lock is freed by the kernel.
+END_HOOKS = [release_flow_run_lock]
 
 
-@flow(name="lora-sweep", task_runner=ThreadPoolTaskRunner(max_workers=CONCURRENT_TASKS), log_prints=True)
+@flow(name="lora-sweep", task_runner=ThreadPoolTaskRunner(max_workers=CONCURRENT_TASKS), log_prints=True,
+      on_completion=END_HOOKS, on_failure=END_HOOKS, on_cancellation=END_HOOKS, on_crashed=END_HOOKS)
 def lora_sweep(spec_path: str = "sweeps/demo.toml"):
     """Run the sweep described by the TOML file at `spec_path` (relative to the working directory)."""
     logger = get_run_logger()
@@ -42,6 +53,7 @@ def lora_sweep(spec_path: str = "sweeps/demo.toml"):
     inputs = inputs_state.result()
     layout = SweepLayout(sweep_root(spec))
     layout.root.mkdir(parents=True, exist_ok=True)
+    register_flow_run(layout)  # earlier runs of this sweep whose process is gone: CRASHED on the server
     write_resolved_spec(layout, spec, spec_path)
 
     runs = training_runs(spec, inputs.model_paths, inputs.dataset_path, inputs.dataset_fingerprint)
@@ -55,28 +67,48 @@ def lora_sweep(spec_path: str = "sweeps/demo.toml"):
         failures += _wait("render", [j.render_id for j in baselines], baseline_futures)
         jobs = [j for j in render_jobs(spec, inputs.model_paths, checkpoints, runs, inputs.dataset_path)
                 if j.checkpoint is not None]
-        failures += _wait("render", [j.render_id for j in jobs], executor.render(jobs))
+        job_futures = executor.render(jobs)
+        failures += _wait("render", [j.render_id for j in jobs], job_futures)
+        failures += record_render_outcomes(layout, [*baselines, *jobs], [*baseline_futures, *job_futures])
 
     manifest = Manifest(spec.sweep_id(), tuple(r.run_id for r in runs),
                         tuple(j.render_id for j in [*baselines, *jobs]), 0.0 in spec.render.lora_weights)
-    manifest.write(layout)
-    catalog = catalog_task(str(layout.root))
-    report = report_task(str(layout.root))
+    return finish_sweep(spec, layout, manifest, failures, started, logger)
+
+
+def finish_sweep(spec: SweepSpec, layout: SweepLayout, manifest: Manifest, failures: list[str], started: float,
+                 logger: logging.Logger | logging.LoggerAdapter):
+    """Manifest, catalog, report and artifacts, then the flow's final state. A step the disk refuses (full,
+    read-only) becomes a failure naming it, and the steps that need it are skipped: never a crash."""
+    try:
+        manifest.write(layout)
+    except OSError as err:
+        return _failed([*failures, f"manifest {layout.root / 'manifest.json'}: {err}; no catalog or report was built"])
+    catalog_state = catalog_task(str(layout.root), return_state=True)
+    if not catalog_state.is_completed():
+        return _failed([*failures, f"catalog {layout.catalog_path}: {catalog_state.message}; no report was built"])
+    report_state = report_task(str(layout.root), return_state=True)
+    report = report_state.result() if report_state.is_completed() else None
+    if report is None:
+        failures = [*failures, f"report {layout.report_dir}: {report_state.message}"]
     wall = time.perf_counter() - started
-    summary = {"sweep_id": spec.sweep_id(), "sweep_root": str(layout.root), "catalog": catalog,
-               "report": report, "runs": len(runs), "render_jobs": len(baselines) + len(jobs),
+    summary = {"sweep_id": spec.sweep_id(), "sweep_root": str(layout.root), "catalog": catalog_state.result(),
+               "report": report, "runs": len(manifest.run_ids), "render_jobs": len(manifest.render_ids),
                "failures": failures, "wall_time_s": round(wall, 1)}
     create_markdown_artifact(key="lora-sweep-summary", markdown=_summary_markdown(summary),
                              description=f"lora-sweep {spec.name}")
-    create_link_artifact(key="lora-sweep-report", link=Path(report).resolve().as_uri(),
-                         link_text=f"{spec.name} report", description="self-contained HTML report")
+    if report is not None:
+        create_link_artifact(key="lora-sweep-report", link=Path(report).resolve().as_uri(),
+                             link_text=f"{spec.name} report", description="self-contained HTML report")
     best = best_configurations(layout)
     if best:
         create_table_artifact(key="lora-sweep-best", table=best, description="best LoRA checkpoint per metric")
     logger.info("sweep %s finished in %.1f s: report %s", spec.name, wall, report)
-    if failures:
-        return Failed(message=f"{len(failures)} part(s) of the sweep failed: " + "; ".join(failures))
-    return summary
+    return _failed(failures) if failures else summary
+
+
+def _failed(failures: list[str]) -> State:
+    return Failed(message=f"{len(failures)} part(s) of the sweep failed: " + "; ".join(failures))
 
 
 def _wait(kind: str, ids: list[str], futures: list[PrefectFuture]) -> list[str]:

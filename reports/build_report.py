@@ -192,6 +192,18 @@ def run_rows(runs: Sequence[dict[str, Any]], checkpoints: Sequence[dict[str, Any
     } for run in runs]
 
 
+def failed_render_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each failed render job: what it would have rendered, and why it did not."""
+    return [{
+        "label": (f"{row['base_model']} · run {row['run_id']} · step {row['checkpoint_step']}" if row["run_id"]
+                  else f"{row['base_model']} · baseline (no LoRA)"),
+        "render_id": row["render_id"],
+        "images": fmt(row["planned_images"]),
+        "recorded_at": fmt(row["recorded_at"]),
+        "error": row["error"] or "(no error message recorded)",
+    } for row in rows]
+
+
 def report_context(data: SweepData, layout: SweepLayout) -> dict[str, Any]:
     """Everything index.html.j2 shows, already formatted: the template only loops."""
     srcs = {row["image_id"]: image_href(row, layout) for row in data.images}
@@ -213,6 +225,7 @@ def report_context(data: SweepData, layout: SweepLayout) -> dict[str, Any]:
         "best": best_rows(data, layout),
         "runs": runs,
         "failed_runs": [r for r in runs if r["failed"]],
+        "failed_renders": failed_render_rows(data.failed_renders),
         # Bad dataset files left out with dataset.on_bad_file = "skip" (every run reads the same folder).
         "skipped_files": sorted({f for r in data.runs for f in (r.get("skipped_files") or [])}),
     }

@@ -35,6 +35,12 @@ METRIC_JOIN = """image_metrics m JOIN images i USING (image_id)
     WHERE m.value IS NOT NULL AND NOT isnan(m.value)"""
 
 
+# Render jobs whose last attempt failed (their images are missing from the grid), baselines first.
+FAILED_RENDERS = """SELECT render_id, base_model, run_id, checkpoint_step, error, planned_images,
+    CAST(recorded_at AS VARCHAR) AS recorded_at FROM renders WHERE status = 'failed'
+    ORDER BY base_model, checkpoint_step NULLS FIRST, run_id NULLS FIRST, render_id"""
+
+
 @dataclass(frozen=True)
 class SweepData:
     """The rows of one sweep, already ordered the way the report lists them."""
@@ -50,6 +56,7 @@ class SweepData:
     best: list[Row]
     baseline_means: dict[str, float]
     higher_is_better: dict[str, bool]
+    failed_renders: list[Row]
 
 
 def open_catalog(layout: SweepLayout) -> duckdb.DuckDBPyConnection:
@@ -73,6 +80,7 @@ def open_catalog(layout: SweepLayout) -> duckdb.DuckDBPyConnection:
             # read_parquet on an empty glob raises "No files found": an empty table reads as no rows.
             con.register(table, schema.empty_table())
     return con
+
 
 
 def fetch(con: duckdb.DuckDBPyConnection, sql: str) -> list[Row]:
@@ -102,10 +110,11 @@ def load_counts(con: duckdb.DuckDBPyConnection) -> dict[str, int]:
             (SELECT count(*) FROM images WHERE run_id IS NULL),
             (SELECT count(DISTINCT metric) FROM image_metrics),
             (SELECT count(*) FROM image_metrics),
-            (SELECT count(*) FROM losses)"""
+            (SELECT count(*) FROM losses),
+            (SELECT count(*) FROM renders WHERE status = 'failed')"""
     ).fetchone()
     keys = ("runs", "completed_runs", "failed_runs", "checkpoints", "images", "baseline_images",
-            "metrics", "metric_values", "loss_points")
+            "metrics", "metric_values", "loss_points", "failed_renders")
     return dict(zip(keys, (int(value) for value in row)))
 
 
@@ -192,6 +201,7 @@ def load_sweep(root: Path) -> SweepData:
             best=load_best(con),
             baseline_means=load_baseline_means(con),
             higher_is_better=load_directions(con),
+            failed_renders=fetch(con, FAILED_RENDERS),
         )
     finally:
         con.close()

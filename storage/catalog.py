@@ -24,6 +24,7 @@ from storage.schema import SCHEMA_VERSION, TABLES
 VIEWS_DIR = Path(__file__).parent / "views"
 # Derived views, created in this order after the base tables.
 DERIVED_VIEWS = ("grid", "run_summary", "best_by_metric")
+CATALOG_TEMP_PREFIX = ".catalog."  # a catalog being built; removed under the builders' lock when left behind
 
 
 @dataclass(frozen=True)
@@ -36,7 +37,7 @@ class Manifest:
     zero_weight_in_grid: bool = True  # the spec lists LoRA weight 0.0, so baselines join the grid
 
     def keys(self, table: str) -> tuple[str, ...]:
-        return self.render_ids if table in ("images", "image_metrics") else self.run_ids
+        return self.render_ids if table in ("images", "image_metrics", "renders") else self.run_ids
 
     def write(self, layout: SweepLayout) -> Path:
         path = layout.root / "manifest.json"
@@ -53,10 +54,11 @@ class Manifest:
 
 
 def table_files(layout: SweepLayout, manifest: Manifest, table: str) -> list[str]:
-    """Absolute paths of the table's Parquet files that exist (a failed task may have none)."""
-    folder = layout.table_dir(table).resolve()
-    files = (folder / f"{key}.parquet" for key in manifest.keys(table))
-    return [str(f) for f in files if f.exists()]
+    """Absolute paths of the table's Parquet files that exist (a failed task may have none); a run row
+    written to its fallback place (SweepLayout.row_file) counts. Every file named is only ever replaced
+    atomically, never deleted, so a view never names a file that vanishes."""
+    files = (layout.row_file(table, key) for key in manifest.keys(table))
+    return [str(f.resolve()) for f in files if f is not None]
 
 
 def table_sql(layout: SweepLayout, manifest: Manifest, table: str) -> str:
@@ -92,8 +94,9 @@ def _duckdb_type(t: pa.DataType) -> str:
 def build_catalog(layout: SweepLayout, manifest: Manifest | None = None) -> Path:
     """(Re)build `catalog.duckdb` with one view per table plus the derived views; swap it in atomically.
 
-    Builders take a file lock, so the catalog swapped in last always lists the newest files;
-    readers never take it.
+    Builders take a file lock, so the catalog swapped in last always lists the newest files, and a
+    half-built catalog found under the lock was left by a killed builder and is removed; readers never
+    take it.
     """
     layout.root.mkdir(parents=True, exist_ok=True)
     with open(layout.root / "catalog.lock", "a") as lock:
@@ -101,8 +104,18 @@ def build_catalog(layout: SweepLayout, manifest: Manifest | None = None) -> Path
         return _build_and_swap(layout, manifest or Manifest.read(layout))
 
 
+def remove_catalog_leftovers(layout: SweepLayout) -> list[Path]:
+    """Remove catalogs half-built by killed builders; call only while holding the builders' lock, when no
+    other builder can be at work."""
+    leftovers = [p for suffix in (".duckdb", ".duckdb.wal") for p in layout.root.glob(f"{CATALOG_TEMP_PREFIX}*{suffix}")]
+    for path in leftovers:
+        path.unlink(missing_ok=True)
+    return leftovers
+
+
 def _build_and_swap(layout: SweepLayout, manifest: Manifest) -> Path:
-    fd, tmp = tempfile.mkstemp(prefix=".catalog.", suffix=".duckdb", dir=layout.root)
+    remove_catalog_leftovers(layout)
+    fd, tmp = tempfile.mkstemp(prefix=CATALOG_TEMP_PREFIX, suffix=".duckdb", dir=layout.root)
     os.close(fd)
     os.unlink(tmp)  # DuckDB must create the file itself
     try:

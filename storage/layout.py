@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+FALLBACK_TABLES = ("runs",)  # tables whose row has a second place to go (SweepLayout.fallback_table_file)
+
 
 @dataclass(frozen=True)
 class SweepLayout:
@@ -26,6 +28,24 @@ class SweepLayout:
     def table_file(self, table: str, key: str) -> Path:
         """One Parquet file per producing task: `tables/<table>/<key>.parquet`."""
         return self.table_dir(table) / f"{key}.parquet"
+
+    def fallback_table_file(self, table: str, key: str) -> Path:
+        """Where a run writes its own `runs` row when `tables/runs/` refuses the write: its run folder."""
+        return self.run_dir(key) / f"{table}-row.parquet"
+
+    def row_file(self, table: str, key: str) -> Path | None:
+        """The file holding the producing task's rows: the newer of its table file and (for `runs`) its
+        fallback; None when neither exists. Neither is ever deleted, so a reader never loses one."""
+        candidates = [self.table_file(table, key)]
+        if table in FALLBACK_TABLES:
+            candidates.append(self.fallback_table_file(table, key))
+        written = []
+        for path in candidates:
+            try:
+                written.append((path.stat().st_mtime_ns, path))
+            except FileNotFoundError:
+                continue
+        return max(written)[1] if written else None
 
     def table_glob(self, table: str) -> str:
         return str(self.table_dir(table).resolve() / "*.parquet")

@@ -23,7 +23,7 @@ RUNS = pa.schema(
         ("batch_size", pa.int32()),
         ("resolution", pa.int32()),
         ("seed", pa.int64()),
-        ("status", pa.string()),  # "completed" | "failed"
+        ("status", pa.string()),  # "completed" | "failed" | "running" (an attempt under way, or killed)
         ("error", pa.string()),
         ("num_images", pa.int32()),
         ("trainable_params", pa.int64()),
@@ -124,10 +124,28 @@ IMAGE_METRICS = pa.schema(
     ]
 )
 
+# One row per render job: what became of it in the sweep's last flow run. Written by the flow, which sees
+# every outcome (an exception in the task, a killed worker, a task that never started).
+RENDERS = pa.schema(
+    [
+        ("sweep_id", pa.string()),
+        ("render_id", pa.string()),
+        ("base_model", pa.string()),
+        ("run_id", pa.string()),  # null for the no-LoRA baseline
+        ("checkpoint_id", pa.string()),  # null for the no-LoRA baseline
+        ("checkpoint_step", pa.int32()),  # null for the no-LoRA baseline
+        ("status", pa.string()),  # "completed" | "failed"
+        ("error", pa.string()),  # null unless failed
+        ("planned_images", pa.int32()),  # the job's grid cells
+        ("recorded_at", pa.timestamp("us", tz="UTC")),  # when the flow first saw this outcome
+    ]
+)
+
 TABLES: dict[str, pa.Schema] = {
     "runs": RUNS,
     "checkpoints": CHECKPOINTS,
     "losses": LOSSES,
     "images": IMAGES,
     "image_metrics": IMAGE_METRICS,
+    "renders": RENDERS,
 }

@@ -1,8 +1,9 @@
 """Check every input of a sweep before any expensive work, and materialise `builtin:` assets.
 
-All problems (spec, base models, dataset, extra LoRA files, output folder) are gathered and
-raised together, so a user fixes them in one pass and no training starts on input that would
-fail later.
+All problems (spec, base models, dataset, extra LoRA files, output folder, the sweep's estimated
+size against the free space) are gathered and raised together, so a user fixes them in one pass
+and no training starts on input that would fail later. A sweep that passes has the temporary
+files of killed writers removed from its folders first (storage.cleanup).
 """
 
 from __future__ import annotations
@@ -12,10 +13,13 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from storage.cleanup import remove_leftovers
+from storage.disk import free_bytes
 from tasks.data.captions import captioner_problem
 from tasks.data.dataset import MIN_IMAGE_SIDE, DatasetError, dataset_fingerprint, dataset_summary, load_clip_tokenizer
 from tasks.data.demo_world import write_demo_dataset
 from tasks.data.sources import load_dataset
+from tasks.disk_space import MIN_FREE_BYTES, estimate_sweep_bytes, space_problems
 from tasks.lora.compatibility import lora_file_problems, lora_fit_problems
 from tasks.models.base_model import validate_base_model
 from tasks.models.tiny_sd15 import ensure_tiny_model, ensure_world_model
@@ -24,12 +28,10 @@ from tasks.score.clip_metrics import clip_folder_problems
 from tasks.sweep.devices import cuda_device_count
 from tasks.sweep.ids import content_id
 from tasks.sweep.model_family import model_family
-from tasks.sweep.plan import PreparedInputs, preset_settings
+from tasks.sweep.plan import PreparedInputs, preset_settings, sweep_root, training_runs
 from tasks.sweep.presets import memory_preset
 from tasks.sweep.prompt_syntax import CHUNK_TOKENS
 from tasks.sweep.spec import BUILTIN_PREFIX, SweepSpec
-
-MIN_FREE_BYTES = 200 * 2**20
 
 
 class InputError(ValueError):
@@ -56,7 +58,7 @@ def prepare_inputs(spec: SweepSpec) -> PreparedInputs:
     new_folders = [p for p in (Path(spec.output_dir), builtins) if not p.exists()]
     had = set(builtins.iterdir()) if builtins.is_dir() else set()
     try:
-        return _prepare(spec)
+        prepared = _prepare(spec)
     except InputError:
         for entry in set(builtins.iterdir()) - had if builtins.is_dir() else ():
             shutil.rmtree(entry, ignore_errors=True)
@@ -64,6 +66,19 @@ def prepare_inputs(spec: SweepSpec) -> PreparedInputs:
             if folder.is_dir() and not any(folder.iterdir()):
                 folder.rmdir()
         raise
+    remove_interrupted_writes(spec, prepared)
+    return prepared
+
+
+def remove_interrupted_writes(spec: SweepSpec, inputs: PreparedInputs) -> list[Path]:
+    """Remove the temporary files killed writers left in the sweep's folder, the builtin assets and the
+    encoding caches; a live writer's are kept (storage.cleanup)."""
+    runs = training_runs(spec, inputs.model_paths, inputs.dataset_path, inputs.dataset_fingerprint)
+    folders = {sweep_root(spec), builtin_dir(spec), *(Path(r.cache_dir) for r in runs if r.cache_dir)}
+    removed = remove_leftovers(sorted(folders))
+    if removed:
+        print(f"removed {len(removed)} temporary file(s) that interrupted writes had left behind")
+    return removed
 
 
 def _prepare(spec: SweepSpec) -> PreparedInputs:
@@ -99,8 +114,13 @@ def _prepare(spec: SweepSpec) -> PreparedInputs:
             problems += _lora_fit(spec, index, model_paths)
     if problems:
         raise InputError(problems)
+    prepared = PreparedInputs(model_paths, dataset_path, fingerprint, count)
+    free = free_bytes(Path(spec.output_dir))
+    if free is not None and (problems := space_problems(Path(spec.output_dir), estimate_sweep_bytes(spec, prepared),
+                                                         free)):
+        raise InputError(problems)
     warn_long_prompts(spec)
-    return PreparedInputs(model_paths, dataset_path, fingerprint, count)
+    return prepared
 
 
 def warn_long_prompts(spec: SweepSpec) -> None:
@@ -225,7 +245,7 @@ def _output_problems(output_dir: Path, field: str = "output_dir") -> list[str]:
     except OSError as err:
         return [f"{field} {str(output_dir)!r}: folder {str(existing)!r} is not writable ({err.strerror}); "
                 "choose a writable folder"]
-    free = shutil.disk_usage(existing).free
+    free = shutil.disk_usage(existing).free  # the sweep's own estimate is checked once its inputs are known
     if free < MIN_FREE_BYTES:
         return [f"{field} {str(output_dir)!r}: only {free / 2**20:.0f} MiB free on its disk; "
                 f"need at least {MIN_FREE_BYTES / 2**20:.0f} MiB"]

@@ -147,6 +147,46 @@ def test_two_concurrent_trainers_of_one_run_train_it_once(tmp_path: Path) -> Non
     assert len(trainers) == 1, trainers
 
 
+def test_two_concurrent_renderers_of_one_job_render_each_image_once(tmp_path: Path, monkeypatch) -> None:
+    """Two sweeps rendering the same job at once: the second waits on the job's claim, then finds it done."""
+    from collections import Counter
+    from concurrent.futures import ThreadPoolExecutor
+
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    import tasks.render.job as render_module
+    from storage.layout import SweepLayout
+    from tasks.preflight import prepare_inputs
+    from tasks.sweep.plan import grid_cells, image_id, render_jobs
+
+    data = small_sweep_data(tmp_path / "out")
+    data["render"].update(samplers=["Euler a"], steps=[2])
+    spec = parse_spec(data)
+    inputs = prepare_inputs(spec)
+    [job] = render_jobs(spec, inputs.model_paths, [], [], inputs.dataset_path)  # the no-LoRA baseline
+    writes: Counter[str] = Counter()
+    real_atomic_file = render_module.atomic_file
+
+    def counting_atomic_file(path: Path, **kwargs):  # every PNG the job writes goes through it
+        writes[Path(path).name] += 1
+        return real_atomic_file(path, **kwargs)
+
+    monkeypatch.setattr(render_module, "atomic_file", counting_atomic_file)
+    with ThreadPoolExecutor(2) as pool:
+        files = list(pool.map(render_module.render_job, [job, job]))
+
+    expected = {f"{image_id(job, c)}.png" for c in grid_cells(job)}
+    assert len(expected) == 2 and files[0] == files[1]
+    assert writes == Counter({name: 1 for name in expected}), writes
+    rows = pq.read_table(files[0]).to_pylist()
+    assert {Path(r["path"]).name for r in rows} == expected
+    for row in rows:
+        with Image.open(row["path"]) as image:
+            image.verify()
+    assert len(render_module.read_renderers(SweepLayout(Path(job.sweep_root)), job.render_id)) == 1
+
+
 def test_every_execution_example_in_the_scaling_docs_is_a_valid_section(tmp_path: Path) -> None:
     import re
     import tomllib

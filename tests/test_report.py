@@ -198,6 +198,28 @@ def test_summary_failures_and_best(sweep: SweepLayout) -> None:
     assert (best["psnr_to_baseline_db"]["rank"], best["psnr_to_baseline_db"]["step"]) == (4, 50)
 
 
+def render_outcome(render_id: str, run_id: str | None, step: int | None, error: str | None) -> dict[str, Any]:
+    """A `renders` row as the flow writes it (flows/render_outcomes.py)."""
+    return {"sweep_id": SWEEP_ID, "render_id": render_id, "base_model": BASE, "run_id": run_id,
+            "checkpoint_id": f"{run_id}-{step}" if run_id else None, "checkpoint_step": step,
+            "status": "failed" if error else "completed", "error": error, "planned_images": 8,
+            "recorded_at": None}
+
+
+def test_failed_render_jobs_are_listed_and_counted_in_the_summary(sweep: SweepLayout) -> None:
+    assert 'id="failed-renders"' not in build_report(sweep.root).read_text(encoding="utf-8")
+    outcomes = {"render-base-failed": render_outcome("render-base-failed", None, None, f"OSError: disk full {XSS}"),
+                "render-r4-s50": render_outcome("render-r4-s50", "run-r4", 50, None)}
+    for render_id, row in outcomes.items():
+        write_rows("renders", [row], sweep.table_file("renders", render_id))
+    text = build_report(sweep.root).read_text(encoding="utf-8")
+    assert "1 render job(s) failed" in text and 'id="failed-renders"' in text
+    section = text.split('id="failed-renders"')[1].split("</section>")[0]
+    assert "render-base-failed" in section and "baseline (no LoRA)" in section
+    assert "OSError: disk full" in section and XSS not in text  # escaped like every error
+    assert "render-r4-s50" not in section  # a completed job is not a failure
+
+
 def test_empty_and_partial_sweeps_build(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     empty = build_report(tmp_path / "empty")

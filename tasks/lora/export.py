@@ -9,8 +9,9 @@ Each checkpoint folder holds exactly:
                                      preset's choice), step, attention processor and provenance
   training_state.pt                  optimizer, RNG and LoRA state to resume from (tensors only,
                                      loaded with torch.load(weights_only=True))
-The folder is assembled under a temporary name and renamed into place, so a reader sees
-either a complete checkpoint or none.
+The folder is assembled under a temporary name (`.step-XXXXXX.<random>`) and renamed into place, so
+a reader sees either a complete checkpoint or none; a full disk or a refused write raises
+storage.disk.WriteFailed naming the folder.
 """
 
 from __future__ import annotations
@@ -28,8 +29,9 @@ from diffusers.utils import convert_state_dict_to_kohya
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import save_file
 
-from storage.atomic import FILE_MODE, FOLDER_MODE
-from tasks.lora.files import MANIFEST_FILE, STATE_FILE
+from storage.atomic import FILE_MODE, FOLDER_MODE, raise_explained
+from storage.disk import write_failure
+from tasks.lora.files import MANIFEST_FILE, STATE_FILE, partial_prefix
 from tasks.lora.kohya_metadata import TrainingFacts, kohya_metadata, with_hashes
 from tasks.sweep.plan import TrainingRunSpec
 from tasks.sweep.provenance import provenance
@@ -45,8 +47,11 @@ def save_checkpoint(run: TrainingRunSpec, unet, adapter: str, step: int, checkpo
     saved beside the UNet's. `family`: the base model's ("sd15" or "sdxl"), which picks the diffusers
     loader and kohya metadata.
     """
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=partial_prefix(folder), dir=folder.parent))
+    except OSError as err:
+        raise_explained(err, folder.parent)
     try:
         tmp.chmod(FOLDER_MODE)  # mkdtemp makes 0700; a results folder is shared as the user's umask says
         unet_state = get_peft_model_state_dict(unet, adapter_name=adapter)
@@ -75,9 +80,13 @@ def save_checkpoint(run: TrainingRunSpec, unet, adapter: str, step: int, checkpo
         if folder.exists():
             shutil.rmtree(folder)
         os.replace(tmp, folder)
-    except BaseException:
+    except BaseException as err:
+        # Named before the partial folder is removed: torch.save's error hides the errno, the free space does not.
+        failure = write_failure(err, folder.parent, guess_full=True) if isinstance(err, Exception) else None
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        if failure is None or failure is err:
+            raise
+        raise failure from err
     return folder
 
 

@@ -5,7 +5,8 @@ stacked at their own weights on every image, the baseline's included.
 The pipeline and the LoRA are loaded once; weights switch with `set_adapters` and samplers
 swap from the scheduler config. Every image has its own generator seeded from its seed, so no
 pixel depends on batch size, order or the rest of the grid. A PNG is written atomically and
-found again on a re-run, so an interrupted job only renders what is missing.
+found again on a re-run, so an interrupted job only renders what is missing; a claim per job
+keeps two sweeps that share the output folder from rendering it twice.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from tasks.render.conditioning import PromptConditioner, prompt_tokens
 from tasks.render.grid_image import job_title, write_grid_images
 from tasks.render.png_metadata import ImageParameters, png_info, read_png_parameters
 from tasks.render.samplers import make_scheduler
+from tasks.sweep.claims import claim, read_holders, record_holder
 from tasks.sweep.devices import torch_device
 from tasks.sweep.hashes import lora_short_hash, model_hash
 from tasks.sweep.plan import Cell, RenderJobSpec, grid_cells, image_id
@@ -43,6 +45,8 @@ log = logging.getLogger(__name__)
 ADAPTER = "lora"
 EXTRA_ADAPTER_PREFIX = "extra_"
 MAX_BATCH = 8
+LOCK_FILE = "render.lock"  # the job's claim: one renderer at a time
+RENDERERS_FILE = "rendered_by.jsonl"  # one line per attempt that got the claim with the job unfinished
 
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -62,7 +66,11 @@ def resolve_precision(precision: str, device: str) -> str:
 
 
 def render_job(job: RenderJobSpec) -> Path:
-    """Render every missing image of the job and write its `images` Parquet file; returns that file."""
+    """Render every missing image of the job and write its `images` Parquet file; returns that file.
+
+    The job's claim (`images/<render_id>/render.lock`) makes this the only renderer of the job on
+    every machine sharing the output folder: a second caller waits, then finds the finished job.
+    """
     layout = SweepLayout(Path(job.sweep_root))
     table_file = layout.table_file("images", job.render_id)
     if table_file.exists():
@@ -70,7 +78,15 @@ def render_job(job: RenderJobSpec) -> Path:
         return table_file
     job = job.model_copy(update={"precision": resolve_precision(job.precision, torch_device())})
     out_dir = layout.render_dir(job.render_id)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    with claim(out_dir / LOCK_FILE, f"render {job.render_id}"):
+        if table_file.exists():  # finished by the claim's previous holder
+            log.info("render %s: finished by another renderer, skipping", job.render_id)
+            return table_file
+        record_holder(out_dir / RENDERERS_FILE, render_id=job.render_id)
+        return _render_claimed(job, layout, out_dir, table_file)
+
+
+def _render_claimed(job: RenderJobSpec, layout: SweepLayout, out_dir: Path, table_file: Path) -> Path:
     cells = grid_cells(job)
     todo = [c for c in cells if not (out_dir / f"{image_id(job, c)}.png").exists()]
     log.info("render %s: %d images, %d already on disk", job.render_id, len(cells), len(cells) - len(todo))
@@ -81,6 +97,11 @@ def render_job(job: RenderJobSpec) -> Path:
     rows = [_image_row(job, c, out_dir / f"{image_id(job, c)}.png", tokens[c.prompt]) for c in cells]
     _write_grids(job, layout, rows, out_dir)
     return write_rows("images", rows, table_file)
+
+
+def read_renderers(layout: SweepLayout, render_id: str) -> list[dict[str, object]]:
+    """Every recorded render attempt of a job, oldest first."""
+    return read_holders(layout.render_dir(render_id) / RENDERERS_FILE)
 
 
 def _write_grids(job: RenderJobSpec, layout: SweepLayout, rows: list[dict[str, object]], out_dir: Path) -> None:

@@ -1,12 +1,18 @@
 """A training run's records on disk: its `runs` and `checkpoints` rows, whether it finished, its checkpoints.
 
 No torch: the subprocess and deployment runners read a run's status here without loading a model.
+A row is only ever replaced, never deleted (catalog readers never lose its file); one that `tables/runs/`
+refuses goes to the run's own folder, and a child that can write nothing tells its parent through a pipe
+(docs/faults.md).
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from pathlib import Path
 
 import pyarrow.parquet as pq
 
@@ -16,6 +22,9 @@ from tasks.lora.files import DIFFUSERS_FILE, checkpoint_complete
 from tasks.sweep.ids import checkpoint_id
 from tasks.sweep.plan import CheckpointRef, TrainingRunSpec
 from tasks.sweep.presets import target_preset_of
+
+ERROR_FD_ENV = "LORA_SWEEP_ERROR_FD"  # a training child writes its error to this pipe descriptor
+MAX_REPORTED_BYTES = 8192  # below a pipe's buffer: the child never blocks on an unread pipe
 
 
 @dataclass(frozen=True)
@@ -30,8 +39,8 @@ class TrainingResult:
 
 def already_done(run: TrainingRunSpec, layout: SweepLayout) -> bool:
     """The run's row says completed and every checkpoint folder is complete."""
-    row_file = layout.table_file("runs", run.run_id)
-    if not row_file.exists():
+    row_file = layout.row_file("runs", run.run_id)
+    if row_file is None:
         return False
     status = pq.read_table(row_file, columns=["status"]).column("status").to_pylist()
     return status == ["completed"] and all(
@@ -52,13 +61,16 @@ def checkpoint_refs(run: TrainingRunSpec, layout: SweepLayout) -> tuple[Checkpoi
     )
 
 
-def recorded_error(layout: SweepLayout, run: TrainingRunSpec) -> str | None:
-    """The error of the run's failed row, if it has one."""
-    path = layout.table_file("runs", run.run_id)
-    if not path.exists():
+def recorded_error(layout: SweepLayout, run: TrainingRunSpec, since: datetime | None = None) -> str | None:
+    """The error of the run's failed row, if it has one; with `since`, only a row of an attempt started
+    then or later (an earlier attempt's failure is not this one's)."""
+    path = layout.row_file("runs", run.run_id)
+    if path is None:
         return None
-    rows = pq.read_table(path, columns=["status", "error"]).to_pylist()
-    return rows[0]["error"] if rows and rows[0]["status"] == "failed" else None
+    rows = pq.read_table(path, columns=["status", "error", "started_at"]).to_pylist()
+    if not rows or rows[0]["status"] != "failed":
+        return None
+    return rows[0]["error"] if since is None or rows[0]["started_at"] >= since else None
 
 
 def checkpoint_row(run: TrainingRunSpec, layout: SweepLayout, step: int, losses: list[float],
@@ -76,8 +88,9 @@ def checkpoint_row(run: TrainingRunSpec, layout: SweepLayout, step: int, losses:
 
 def write_run_row(run: TrainingRunSpec, layout: SweepLayout, started: datetime, *, status: str,
                   error: str | None, stats: dict[str, object]) -> None:
-    """The run's one `runs` row: every option it trained with, its status and measurements."""
-    finished = datetime.now(timezone.utc)
+    """The run's one `runs` row: every option it trained with, its status and measurements. A "running" row
+    (an attempt under way) has no finish time yet."""
+    finished = None if status == "running" else datetime.now(timezone.utc)
     row = {
         "sweep_id": run.sweep_id, "run_id": run.run_id, "base_model": run.base_model.name,
         "base_model_path": run.base_model_path, "rank": run.rank, "alpha": run.alpha,
@@ -85,7 +98,7 @@ def write_run_row(run: TrainingRunSpec, layout: SweepLayout, started: datetime, 
         "resolution": run.resolution, "seed": run.seed, "status": status, "error": error,
         "num_images": stats.get("num_images"), "trainable_params": stats.get("trainable_params"),
         "steps_per_s": stats.get("steps_per_s"), "peak_memory_mb": stats.get("peak_memory_mb"),
-        "wall_time_s": stats.get("wall_time_s", (finished - started).total_seconds()),
+        "wall_time_s": stats.get("wall_time_s", (finished - started).total_seconds() if finished else None),
         "started_at": started, "finished_at": finished, "run_dir": str(layout.run_dir(run.run_id)),
         "target_preset": target_preset_of(run.target_modules), "target_modules": list(run.target_modules),
         "lora_dropout": run.lora_dropout, "lr_scheduler": run.lr_scheduler, "lr_warmup_steps": run.lr_warmup_steps,
@@ -99,4 +112,52 @@ def write_run_row(run: TrainingRunSpec, layout: SweepLayout, started: datetime, 
         "buckets": run.buckets, "bucket_step": run.bucket_step if run.buckets else None, "encoding_cache": run.cache,
         "skipped_files": stats.get("skipped_files"),
     }
-    write_rows("runs", [row], layout.table_file("runs", run.run_id))
+    write_row_somewhere(row, layout, run.run_id)
+
+
+def write_row_somewhere(row: dict[str, object], layout: SweepLayout, run_id: str) -> Path:
+    """Write the run's row to `tables/runs/`, or, when that folder refuses it (full, read-only), to the run's
+    own folder (SweepLayout.fallback_table_file), where the catalog finds it too. Raises the first error
+    when neither place takes it."""
+    try:
+        return write_rows("runs", [row], layout.table_file("runs", run_id))
+    except OSError as err:
+        try:
+            path = write_rows("runs", [row], layout.fallback_table_file("runs", run_id))
+        except OSError:
+            raise err from None
+        print(f"run {run_id}: its runs row could not be written to {layout.tables_dir} ({err}); wrote it to {path}")
+        return path
+
+
+def error_text(err: BaseException) -> str:
+    """How a failure reads in a runs row and the flow's message."""
+    return f"{type(err).__name__}: {err}"
+
+
+def record_failure(run: TrainingRunSpec, layout: SweepLayout, started: datetime, error: str) -> str | None:
+    """Write the run's failed row wherever it still fits; None when written, else why it could not be."""
+    try:
+        write_run_row(run, layout, started, status="failed", error=error, stats={})
+    except OSError as err:
+        return f"its failed runs row could not be written anywhere: {err}"
+    return None
+
+
+def report_to_parent(message: str) -> None:
+    """A training child's last word to its parent, through the pipe named by ERROR_FD_ENV: it needs no disk,
+    so the parent learns why even when nothing could be written."""
+    fd = os.environ.get(ERROR_FD_ENV)
+    if fd:
+        with contextlib.suppress(OSError):
+            os.write(int(fd), message.encode()[:MAX_REPORTED_BYTES])
+
+
+def read_reported(fd: int) -> str | None:
+    """What a finished child reported through report_to_parent (non-blocking: a grandchild may hold the pipe)."""
+    os.set_blocking(fd, False)
+    chunks = []
+    with contextlib.suppress(BlockingIOError):
+        while chunk := os.read(fd, MAX_REPORTED_BYTES):
+            chunks.append(chunk)
+    return b"".join(chunks).decode(errors="replace") or None

@@ -29,7 +29,16 @@ from tasks.models.text_conditioning import text_encoders
 from tasks.sweep.devices import torch_device
 from tasks.sweep.plan import TrainingRunSpec
 from tasks.train.loop import ADAPTER, TEXT_ENCODER_STATE_KEYS, TrainingHistory, fit_lora
-from tasks.train.records import TrainingResult, already_done, checkpoint_row, completed, write_run_row
+from tasks.train.records import (
+    TrainingResult,
+    already_done,
+    checkpoint_row,
+    completed,
+    error_text,
+    record_failure,
+    report_to_parent,
+    write_run_row,
+)
 from tasks.train.state import load_training_state
 from tasks.train.support import check_training_support, log_memory_preset
 from tasks.train.validation import prepare_validation, split_validation, validation_loss
@@ -46,10 +55,12 @@ def train_lora(run: TrainingRunSpec) -> TrainingResult:
     started = datetime.now(timezone.utc)
     try:
         stats = _train(run, layout, started)
+        write_run_row(run, layout, started, status="completed", error=None, stats=stats)
     except Exception as err:
-        write_run_row(run, layout, started, status="failed", error=f"{type(err).__name__}: {err}", stats={})
+        unrecorded = record_failure(run, layout, started, error_text(err))  # a full disk may refuse even this
+        if unrecorded:
+            log.error("run %s: %s", run.run_id, unrecorded)
         raise
-    write_run_row(run, layout, started, status="completed", error=None, stats=stats)
     return completed(run, layout)
 
 
@@ -99,7 +110,7 @@ def _train(run: TrainingRunSpec, layout: SweepLayout, started: datetime) -> dict
     steps_now = len(history.losses)
     return {
         "wall_time_s": elapsed_before + wall,
-        "steps_per_s": steps_now / wall if steps_now else float("nan"),
+        "steps_per_s": steps_now / wall if steps_now else None,  # resumed at its last checkpoint: nothing timed
         "trainable_params": history.trainable_params,
         "num_images": len(items),
         "peak_memory_mb": peak_memory_mb(device),
@@ -142,8 +153,9 @@ def main(argv: list[str]) -> int:
     run = TrainingRunSpec.model_validate_json(Path(argv[0]).read_text())
     try:
         train_lora(run)
-    except Exception as err:  # the failed run row is written; the parent reads it
-        log.error("run %s failed: %s: %s", run.run_id, type(err).__name__, err)
+    except Exception as err:  # the failed run row is written where it fits; the parent reads it or this report
+        log.error("run %s failed: %s", run.run_id, error_text(err))
+        report_to_parent(error_text(err))
         return 1
     return 0
 
