@@ -16,6 +16,7 @@ import os
 import time
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Literal
 
 from storage.atomic import HOST, TEMP_NAME
 
@@ -33,24 +34,30 @@ def process_alive(pid: int) -> bool:
     return True
 
 
-def writer_lock_held(path: Path) -> bool:
-    """Whether a writer holds the file's lock; a file that vanished meanwhile counts as held (its
-    writer renamed it), one whose lock cannot be tested as not held."""
+def lock_probe(path: Path) -> Literal["held", "free", "missing", "unknown"]:
+    """Whether anyone holds the flock on `path`, without waiting: the probe takes a free lock for an
+    instant. "unknown" when the file cannot be opened or locked (a link, no permission)."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
     except FileNotFoundError:
-        return True
+        return "missing"
     except OSError:
-        return False
+        return "unknown"
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        return True
+        return "held"
     except OSError:
-        return False
+        return "unknown"
     finally:
         os.close(fd)  # also lets go of the lock when this probe took it
-    return False
+    return "free"
+
+
+def writer_lock_held(path: Path) -> bool:
+    """Whether a writer holds the file's lock; a file that vanished meanwhile counts as held (its
+    writer renamed it), one whose lock cannot be tested as not held."""
+    return lock_probe(path) in ("held", "missing")
 
 
 def is_stale_temp_file(path: Path, now: float | None = None) -> bool:

@@ -19,6 +19,8 @@ from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
+from storage.cleanup import lock_probe
+
 
 def holder_identity() -> dict[str, object]:
     """Who holds a claim: host, process, and the Prefect worker and flow run when there is one."""
@@ -66,17 +68,7 @@ def holder_is_gone(lock_path: Path) -> bool:
     A missing file counts as gone. The check takes the lock for an instant, so call it only on
     locks whose work is not waiting to be claimed (a flow run's liveness lock, not a render's).
     """
-    try:
-        fd = os.open(lock_path, os.O_RDWR)
-    except FileNotFoundError:
-        return True
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return False
-    finally:
-        os.close(fd)
-    return True
+    return lock_probe(lock_path) in ("free", "missing")
 
 
 def record_holder(log_path: Path, **fields: object) -> None:
