@@ -25,6 +25,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from flows.execution import sweep_executor
 from flows.render_outcomes import record_render_outcomes
 from flows.stale_runs import register_flow_run, release_flow_run_lock
+from storage.atomic import write_atomic
 from storage.catalog import Manifest, connect
 from storage.layout import SweepLayout
 from tasks.prefect_tasks import catalog_task, load_spec_task, prepare_inputs_task, report_task
@@ -134,7 +135,7 @@ def write_resolved_spec(layout: SweepLayout, spec, spec_path: str) -> None:
     """The resolved spec and its provenance beside the sweep's artifacts."""
     payload = {"sweep_id": spec.sweep_id(), "spec_path": str(Path(spec_path).resolve()),
                "spec": spec.model_dump(mode="json"), "provenance": provenance()}
-    layout.spec_path.write_text(json.dumps(payload, indent=2))
+    write_atomic(layout.spec_path, json.dumps(payload, indent=2).encode())
 
 
 def _summary_markdown(summary: dict) -> str:

@@ -14,6 +14,7 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
+from storage.atomic import write_atomic
 from storage.disk import write_failure
 from storage.layout import SweepLayout
 from tasks.lora.files import remove_partial_checkpoints
@@ -70,7 +71,7 @@ def _train_claimed(run: TrainingRunSpec, layout: SweepLayout, run_dir: Path) -> 
     remove_partial_checkpoints(run_dir / "checkpoints")
     try:
         spec_file = run_dir / "run.json"
-        spec_file.write_text(run.model_dump_json(indent=2))
+        write_atomic(spec_file, run.model_dump_json(indent=2).encode())
         write_run_row(run, layout, started, status="running", error=None, stats={})
         code, reported = _run_child(spec_file)
     except OSError as err:  # the run folder or tables refused before training: the child never ran
