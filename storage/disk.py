@@ -35,8 +35,9 @@ def free_bytes(folder: Path) -> int | None:
         return None
 
 
-def mib(n: int) -> str:
-    return f"{n / 2**20:,.1f} MiB"
+def size_text(n: float) -> str:
+    """Bytes for a person: GiB from 1 GiB up, MiB below."""
+    return f"{n / 2**30:,.2f} GiB" if n >= 2**30 else f"{n / 2**20:,.1f} MiB"
 
 
 def write_errno(err: BaseException) -> int | None:
@@ -66,7 +67,7 @@ def write_failure(err: BaseException, folder: Path, *, guess_full: bool = False)
     if code is None and guess_full and free is not None and free < NEARLY_FULL_BYTES:
         code = errno.ENOSPC
     if code in FULL:
-        room = f", {mib(free)} free" if free is not None else ""
+        room = f", {size_text(free)} free" if free is not None else ""
         return WriteFailed(code, f"no space left on the disk holding '{folder}'{room} ({err})")
     if code in REFUSED:
         return WriteFailed(code, f"writing to '{folder}' was refused: {os.strerror(code)} ({err})")

@@ -18,6 +18,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from storage.disk import size_text
 from tasks.lora.size import checkpoint_bytes
 from tasks.render.grid_image import MIN_CELL_PX
 from tasks.sweep.ids import checkpoint_id
@@ -45,10 +46,6 @@ class SweepBytes:
     @property
     def to_write(self) -> int:
         return max(0, self.checkpoints + self.images + self.tables - self.already_written)
-
-
-def size_text(n: float) -> str:
-    return f"{n / 2**30:,.2f} GiB" if n >= 2**30 else f"{n / 2**20:,.1f} MiB"
 
 
 def image_bytes(width: int, height: int) -> int:

@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 
 from storage.cleanup import remove_leftovers
-from storage.disk import free_bytes
+from storage.disk import free_bytes, size_text
 from tasks.data.captions import captioner_problem
 from tasks.data.dataset import MIN_IMAGE_SIDE, DatasetError, dataset_fingerprint, dataset_summary, load_clip_tokenizer
 from tasks.data.demo_world import write_demo_dataset
@@ -22,10 +22,11 @@ from tasks.data.sources import load_dataset
 from tasks.disk_space import MIN_FREE_BYTES, estimate_sweep_bytes, space_problems
 from tasks.lora.compatibility import lora_file_problems, lora_fit_problems
 from tasks.models.base_model import validate_base_model
+from tasks.models.memory import device_memory_bytes, render_weight_bytes, training_weight_bytes
 from tasks.models.tiny_sd15 import ensure_tiny_model, ensure_world_model
 from tasks.models.tiny_sdxl import ensure_tiny_sdxl
 from tasks.score.clip_metrics import clip_folder_problems
-from tasks.sweep.devices import cuda_device_count
+from tasks.sweep.devices import cuda_device_count, resolve_precision, torch_device
 from tasks.sweep.ids import content_id
 from tasks.sweep.model_family import model_family
 from tasks.sweep.plan import PreparedInputs, preset_settings, sweep_root, training_runs
@@ -93,7 +94,7 @@ def _prepare(spec: SweepSpec) -> PreparedInputs:
         path, found = _model_path(spec, model.path, model.config)
         model_paths[model.name] = path
         if not found:
-            found = _family_problems(spec, path, model.config)
+            found = _family_problems(spec, path, model.config) + memory_problems(spec, path, model.config)
         problems += [f"base_models[{index}] ({model.name}): {p}" for p in found]
     dataset_path, fingerprint, count, found = _dataset(spec, training_resolution(spec, model_paths, problems))
     problems += found
@@ -180,6 +181,35 @@ def _family_problems(spec: SweepSpec, path: str, config: str | None) -> list[str
         elif rank > min(widths):
             print(f"warning: training.ranks: rank {rank} is wider than the UNet's {min(widths)}-wide layers; there it "
                   f"adds parameters but no capacity (full rank is {min(widths)})")
+    return problems
+
+
+def memory_problems(spec: SweepSpec, path: str, config: str | None) -> list[str]:
+    """A base model whose frozen weights alone exceed this machine's memory, in training's or rendering's
+    dtype (tasks.models.memory: a lower bound). Checked only when this machine runs the work (threads)."""
+    if spec.execution.runner != "threads":
+        return []
+    model_dir, family = Path(config or path), model_family(path, config)
+    device = torch_device()
+    available = device_memory_bytes(device)
+    problems = []
+    if not spec.execution.train_deployment:
+        precision = preset_settings(spec.training, family)[1]["mixed_precision"]
+        need = training_weight_bytes(model_dir, precision)
+        if need > available:
+            problems.append(f"training.mixed_precision = {precision!r}: the frozen weights alone take "
+                            f"{size_text(need)}, more than the {size_text(available)} of memory training gets "
+                            f"here ({device}); allowed: 'fp16' or 'bf16' (half the bytes), a memory preset "
+                            "(training.memory_preset_gib), or a machine with more memory")
+    try:
+        precision = resolve_precision(spec.render.precision, device)
+    except ValueError:  # fp16 without CUDA: reported with the render checks
+        return problems
+    need = render_weight_bytes(model_dir, precision)
+    if need > available:
+        problems.append(f"render.precision = {spec.render.precision!r} ({precision}): the weights alone take "
+                        f"{size_text(need)}, more than the {size_text(available)} of memory rendering gets "
+                        f"here ({device}); allowed: a half precision on a GPU, or a machine with more memory")
     return problems
 
 

@@ -16,6 +16,8 @@ from safetensors import safe_open
 from storage.layout import SweepLayout
 from tasks.data.dataset import DatasetError, dataset_summary
 from tasks.data.sources import load_dataset, load_items
+from tasks.models.base_model import load_pipeline
+from tasks.models.memory import component_params, render_weight_bytes, training_weight_bytes
 from tasks.preflight import InputError, prepare_inputs
 from tasks.sweep.load import parse_spec
 from tasks.sweep.plan import training_runs
@@ -138,3 +140,28 @@ def test_a_rank_wider_than_every_layer_is_refused_and_a_wide_one_warned(tmp_path
         prepare_inputs(parse_spec(data))
     prepare_inputs(parse_spec(small_sweep_data(tmp_path / "out", ranks=[48])))
     assert "warning: training.ranks: rank 48 is wider than the UNet's 32-wide layers" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("builtin", ["tiny-sd15", "tiny-sdxl"])
+def test_weight_bytes_counted_from_configs_equal_the_loaded_models(tmp_path: Path, builtin: str) -> None:
+    data = small_sweep_data(tmp_path / "out")
+    data["base_models"] = [{"name": builtin, "path": f"builtin:{builtin}"}]
+    folder = Path(prepare_inputs(parse_spec(data)).model_paths[builtin])
+    pipe = load_pipeline(str(folder))
+    loaded = {name: sum(p.numel() for p in getattr(pipe, name).parameters())
+              for name in ("unet", "vae", "text_encoder", "text_encoder_2") if getattr(pipe, name, None) is not None}
+    assert component_params(folder) == loaded
+    assert render_weight_bytes(folder, "fp32") == 4 * sum(loaded.values())
+    assert training_weight_bytes(folder, "bf16") == 2 * (sum(loaded.values()) - loaded["vae"]) + 4 * loaded["vae"]
+
+
+def test_a_model_whose_weights_alone_exceed_the_memory_is_refused(tmp_path: Path, monkeypatch) -> None:
+    from tasks import preflight
+
+    monkeypatch.setattr(preflight, "device_memory_bytes", lambda device: 2**20)  # a 1 MiB machine
+    with pytest.raises(InputError) as info:
+        prepare_inputs(parse_spec(small_sweep_data(tmp_path / "out")))
+    message = str(info.value)
+    assert re.search(r"training.mixed_precision = 'no': the frozen weights alone take \d+\.\d MiB, more than "
+                     r"the 1\.0 MiB of memory training gets here \(cpu\); allowed: 'fp16' or 'bf16'", message)
+    assert "render.precision = 'auto' (fp32): the weights alone take" in message

@@ -35,7 +35,7 @@ from tasks.render.grid_image import job_title, write_grid_images
 from tasks.render.png_metadata import ImageParameters, png_info, read_png_parameters
 from tasks.render.samplers import make_scheduler
 from tasks.sweep.claims import claim, read_holders, record_holder
-from tasks.sweep.devices import torch_device
+from tasks.sweep.devices import resolve_precision, torch_device
 from tasks.sweep.hashes import lora_short_hash, model_hash
 from tasks.sweep.plan import Cell, RenderJobSpec, grid_cells, image_id
 from tasks.sweep.provenance import lora_sweep_version
@@ -50,19 +50,6 @@ RENDERERS_FILE = "rendered_by.jsonl"  # one line per attempt that got the claim 
 
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-def resolve_precision(precision: str, device: str) -> str:
-    """The precision a job renders in on `device`: "auto" is fp16 on CUDA and fp32 on the CPU.
-
-    fp16 on the CPU is refused (slow, and some CPU kernels lack it); bf16 runs on both.
-    """
-    if precision == "auto":
-        return "fp16" if device == "cuda" else "fp32"
-    if precision == "fp16" and device != "cuda":
-        raise ValueError("render.precision = 'fp16' needs a CUDA GPU and this machine renders on the CPU; "
-                         "allowed here: 'auto', 'fp32' or 'bf16'")
-    return precision
 
 
 def render_job(job: RenderJobSpec) -> Path:

@@ -34,3 +34,16 @@ def cpu_threads_per_task() -> int:
     if os.environ.get("OMP_NUM_THREADS", "").isdigit():
         return max(1, int(os.environ["OMP_NUM_THREADS"]))
     return max(1, (os.cpu_count() or 1) // CONCURRENT_TASKS)
+
+
+def resolve_precision(precision: str, device: str) -> str:
+    """The precision a job renders in on `device`: "auto" is fp16 on CUDA and fp32 on the CPU.
+
+    fp16 on the CPU is refused (slow, and some CPU kernels lack it); bf16 runs on both.
+    """
+    if precision == "auto":
+        return "fp16" if device == "cuda" else "fp32"
+    if precision == "fp16" and device != "cuda":
+        raise ValueError("render.precision = 'fp16' needs a CUDA GPU and this machine renders on the CPU; "
+                         "allowed here: 'auto', 'fp32' or 'bf16'")
+    return precision
