@@ -94,7 +94,7 @@ def _prepare(spec: SweepSpec) -> PreparedInputs:
         path, found = _model_path(spec, model.path, model.config)
         model_paths[model.name] = path
         if not found:
-            found = _family_problems(spec, path, model.config) + memory_problems(spec, path, model.config)
+            found = _family_problems(spec, path, model.config) or memory_problems(spec, path, model.config)
         problems += [f"base_models[{index}] ({model.name}): {p}" for p in found]
     dataset_path, fingerprint, count, found = _dataset(spec, training_resolution(spec, model_paths, problems))
     problems += found
