@@ -78,12 +78,15 @@ FRAGMENTS: tuple[Callable[[dict[str, Any]], str | None], ...] = (
     _when("validation_images", lambda v: v == 0, lambda v: f"{v} validation image{'s' * (v != 1)}"),
     # Where encodings were kept does not change results; encoding every step ("off") draws VAE samples differently.
     _when("encoding_cache", lambda v: v != "off", lambda v: "encoding cache off"),
+    _when("max_grad_norm", lambda v: False, lambda v: f"grad clip {number(v)}"),  # NULL: no clipping
+    _when("clip_skip", lambda v: v == 1, lambda v: f"clip skip {v}"),
     _text_encoder,
 )
 OPTION_COLUMNS = ("target_preset", "target_modules", "lora_dropout", "lr_scheduler", "lr_warmup_steps", "lr_cycles",
                   "gradient_accumulation_steps", "effective_batch_size", "min_snr_gamma", "noise_offset",
                   "mixed_precision", "gradient_checkpointing", "optimizer", "train_text_encoder", "text_encoder_lr",
-                  "validation_images", "memory_preset_gib", "buckets", "bucket_step", "encoding_cache")
+                  "validation_images", "memory_preset_gib", "buckets", "bucket_step", "encoding_cache",
+                  "max_grad_norm", "clip_skip")
 
 
 def options_recorded(run: dict[str, Any]) -> bool:

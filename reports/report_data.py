@@ -25,7 +25,7 @@ RUN_COLUMNS = """run_id, base_model, rank, alpha, learning_rate, max_steps, batc
     target_preset, target_modules, lora_dropout, lr_scheduler, lr_warmup_steps, lr_cycles,
     gradient_accumulation_steps, effective_batch_size, min_snr_gamma, noise_offset, mixed_precision,
     gradient_checkpointing, optimizer, train_text_encoder, text_encoder_lr, validation_images,
-    memory_preset_gib, buckets, bucket_step, encoding_cache, skipped_files"""
+    memory_preset_gib, buckets, bucket_step, encoding_cache, skipped_files, max_grad_norm, clip_skip"""
 
 IMAGE_ORDER = """base_model, rank NULLS FIRST, checkpoint_step NULLS FIRST, sampler, steps,
     lora_weight, cfg_scale, prompt_index, seed, image_id"""

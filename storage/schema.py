@@ -55,6 +55,8 @@ RUNS = pa.schema(
         ("bucket_step", pa.int32()),  # NULL unless buckets
         ("skipped_files", pa.list_(pa.string())),  # bad dataset files left out (on_bad_file = "skip"): name: reason
         ("encoding_cache", pa.string()),  # "disk" | "memory" | "off": where VAE latents and text outputs were kept
+        ("max_grad_norm", pa.float64()),  # NULL: no gradient clipping (or before it was recorded)
+        ("clip_skip", pa.int32()),  # the text-encoder layer from the end that conditioned training; NULL: before
     ]
 )
 
@@ -79,6 +81,7 @@ LOSSES = pa.schema(
         ("step", pa.int32()),
         ("loss", pa.float64()),
         ("learning_rate", pa.float64()),
+        ("grad_norm", pa.float64()),  # LoRA gradients' total norm before clipping; NULL: before it was recorded
     ]
 )
 

@@ -220,7 +220,8 @@ def test_runs_written_before_the_training_option_columns_still_read(tmp_path: Pa
            "effective_batch_size": 2, "min_snr_gamma": 5.0, "noise_offset": 0.05, "mixed_precision": "bf16",
            "gradient_checkpointing": True, "optimizer": "adamw", "train_text_encoder": False,
            "text_encoder_lr": None, "validation_images": 1, "memory_preset_gib": 12.0, "buckets": True,
-           "bucket_step": 64, "encoding_cache": "disk", "skipped_files": None}
+           "bucket_step": 64, "encoding_cache": "disk", "skipped_files": None, "max_grad_norm": None,
+           "clip_skip": 1}
     write_rows("runs", [new], layout.table_file("runs", "new"))
     build_catalog(layout, Manifest("sweep", run_ids=("old",), render_ids=()))
     with connect(layout) as con:  # only the old file: every option column exists, NULL

@@ -57,7 +57,7 @@ def run_row(run_id: str, rank: int, status: str, error: str | None, layout: Swee
         "effective_batch_size": 1, "min_snr_gamma": None, "noise_offset": 0.0, "mixed_precision": "no",
         "gradient_checkpointing": False, "optimizer": "adamw", "train_text_encoder": False, "text_encoder_lr": None,
         "validation_images": 0, "memory_preset_gib": None, "buckets": False, "bucket_step": None,
-        "encoding_cache": "disk", "skipped_files": None,
+        "encoding_cache": "disk", "skipped_files": None, "max_grad_norm": None, "clip_skip": 1,
     }
 
 
@@ -133,7 +133,7 @@ def make_fake_sweep(root: Path) -> SweepLayout:
     for rank in RANKS:
         losses += [{"sweep_id": SWEEP_ID, "run_id": f"run-r{rank}", "step": s,
                     "loss": 0.3 * 0.98**s + 0.05 * ((s * 7919 + rank) % 11) / 11 + 0.01 * rank,
-                    "learning_rate": 1e-4} for s in range(1, max(STEPS) + 1)]
+                    "learning_rate": 1e-4, "grad_norm": 0.5} for s in range(1, max(STEPS) + 1)]
     write_rows("checkpoints", checkpoints, layout.table_file("checkpoints", "all"))
     write_rows("losses", losses, layout.table_file("losses", "all"))
     images = write_images(layout)
@@ -256,7 +256,7 @@ def test_runs_table_shows_options_that_differ_from_the_defaults(tmp_path: Path) 
              "effective_batch_size": 4, "min_snr_gamma": 5.0, "noise_offset": 0.05, "mixed_precision": "bf16",
              "gradient_checkpointing": True, "optimizer": "adamw8bit", "train_text_encoder": True,
              "text_encoder_lr": 5e-5, "validation_images": 2, "memory_preset_gib": 12.0, "buckets": True,
-             "bucket_step": 64, "encoding_cache": "off"}
+             "bucket_step": 64, "encoding_cache": "off", "max_grad_norm": 1.0, "clip_skip": 2}
     own = {**run_row("run-own", 16, "completed", None, layout), "target_preset": None,
            "target_modules": ["to_q", "conv1"], "lr_scheduler": "cosine_with_restarts", "lr_cycles": 3,
            "encoding_cache": "memory"}
@@ -267,7 +267,8 @@ def test_runs_table_shows_options_that_differ_from_the_defaults(tmp_path: Path) 
         "run-plain": "defaults",
         "run-tuned": "locon · dropout 0.1 · cosine (warmup 10) · accumulation 4 (batch 4) · min-SNR 5 · "
                      "noise offset 0.05 · bf16 · gradient checkpointing · adamw8bit · memory preset 12 GiB · "
-                     "buckets (step 64) · 2 validation images · encoding cache off · text encoder LR 5e-5",
+                     "buckets (step 64) · 2 validation images · encoding cache off · grad clip 1 · clip skip 2 · "
+                     "text encoder LR 5e-5",
         "run-own": "modules to_q, conv1 · cosine_with_restarts (3 cycles)",
     }
 

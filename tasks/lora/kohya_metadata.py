@@ -138,8 +138,9 @@ def _network_fields(run: TrainingRunSpec, family: str) -> dict[str, str]:
         # tasks.models.base_model.model_hash (the PNGs' "Model hash") hashes; A1111 cannot load such a folder.
         "ss_sd_model_hash": legacy_model_hash(run.base_model_path),
         "ss_new_sd_model_hash": model_sha256(run.base_model_path),
-        # The text encoder's last layer for SD1.x (A1111's "Clip skip: 1"); SDXL always uses the penultimate.
-        "ss_clip_skip": "None",
+        # sd-scripts writes str(args.clip_skip): "None" is its default, the last layer (A1111's "Clip skip: 1");
+        # SDXL always uses the penultimate layers and refuses clip_skip (tasks.sweep.plan).
+        "ss_clip_skip": str(run.clip_skip) if run.clip_skip > 1 else "None",
         "ss_max_token_length": "None",  # 75 tokens, one CLIP window
     }
 
@@ -157,6 +158,9 @@ def _training_fields(run: TrainingRunSpec, step: int) -> dict[str, str]:
         "ss_gradient_accumulation_steps": str(run.gradient_accumulation_steps),
         "ss_min_snr_gamma": str(run.min_snr_gamma),
         "ss_noise_offset": str(run.noise_offset),
+        # sd-scripts writes str(args.max_grad_norm), where 0.0 means no clipping (its default is 1.0); a
+        # reader parses the value as a float, so no clipping is "0.0", never "None".
+        "ss_max_grad_norm": str(float(run.max_grad_norm or 0.0)),
         "ss_mixed_precision": run.mixed_precision,
         "ss_gradient_checkpointing": str(run.gradient_checkpointing),
         "ss_optimizer": OPTIMIZER_NAMES[run.optimizer],

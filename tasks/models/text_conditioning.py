@@ -43,17 +43,32 @@ def text_encoders(pipe) -> tuple[list, list]:
 
 
 def encode_captions(captions: list[str], encoders: list, tokenizers: list, device: str,
-                    grad: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+                    grad: bool = False, clip_skip: int = 1) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(hidden states, pooled or None) for a list of captions (truncated at the tokenizer's 77 tokens);
-    `grad` when the text encoder's LoRA trains."""
+    `grad` when the text encoder's LoRA trains; `clip_skip` (SD1.x) as A1111 (clip_skip_states)."""
     with torch.set_grad_enabled(grad):
         if len(encoders) == 1:
-            return encoders[0](_tokens(captions, tokenizers[0]).to(device))[0], None
+            return clip_skip_states(encoders[0], _tokens(captions, tokenizers[0]).to(device), clip_skip), None
         states = []
         for encoder, tokenizer in zip(encoders, tokenizers, strict=True):
             output = encoder(_tokens(captions, tokenizer).to(device), output_hidden_states=True)
             states.append(output.hidden_states[-2])
         return torch.cat(states, dim=-1), output[0]  # the last (projection) encoder's pooled embedding
+
+
+def clip_skip_states(encoder, tokens: torch.Tensor, clip_skip: int = 1) -> torch.Tensor:
+    """An SD1.x text encoder's conditioning as A1111's "Clip skip" N makes it: the N-th hidden state from the
+    end passed through the final layer norm (N = 1: the plain last hidden state)."""
+    if clip_skip == 1:
+        return encoder(tokens)[0]
+    layers = encoder.config.num_hidden_layers
+    if clip_skip > layers:
+        raise ValueError(f"clip_skip {clip_skip} exceeds this text encoder's {layers} layers; "
+                         f"allowed: 1 to {layers}")
+    hidden = encoder(tokens, output_hidden_states=True).hidden_states[-clip_skip]
+    # transformers 5 keeps the layer norm on the model itself; 4.x under `text_model` (which diffusers' own
+    # clip_skip still assumes, so its clip_skip fails with transformers 5).
+    return getattr(encoder, "text_model", encoder).final_layer_norm(hidden)
 
 
 def caption_tokens(caption: str, tokenizers: list) -> list[torch.Tensor]:

@@ -65,6 +65,8 @@ class TrainingRunSpec(_Frozen):
     bucket_step: int = 64
     cache: Literal["disk", "memory", "off"] = "memory"  # where VAE latents and text outputs are kept
     cache_dir: str | None = None  # set exactly when cache is "disk"
+    max_grad_norm: float | None = None  # clip the LoRA gradients' total norm; None: no clipping
+    clip_skip: int = 1  # the text encoder's N-th layer from the end conditions the UNet (A1111's Clip skip)
 
     @property
     def effective_batch_size(self) -> int:
@@ -140,7 +142,11 @@ def training_runs(
     t = spec.training
     runs = []
     for model in spec.base_models:
-        preset, settings = preset_settings(t, model_family(model_paths[model.name], model.config))
+        family = model_family(model_paths[model.name], model.config)
+        if t.clip_skip != 1 and family == "sdxl":  # A1111 ignores it for SDXL, sd-scripts refuses it
+            raise ValueError(f"training.clip_skip {t.clip_skip} does not apply to SDXL base model {model.name!r} "
+                             "(it always uses the penultimate layers); allowed: 1")
+        preset, settings = preset_settings(t, family)
         for rank in settings["ranks"]:
             fields = dict(
                 base_model=model,
@@ -151,7 +157,7 @@ def training_runs(
                 rank=rank,
                 alpha=float(t.alpha if t.alpha is not None else rank),
                 max_steps=t.max_steps,
-                checkpoint_steps=tuple(sorted(t.checkpoint_steps)),
+                checkpoint_steps=t.resolved_checkpoint_steps(),
                 learning_rate=t.learning_rate,
                 batch_size=settings["batch_size"],
                 resolution=settings["resolution"],
@@ -174,7 +180,8 @@ NOT_IN_RUN_ID = ("base_model_path", "dataset_path", "memory_preset", "cache_dir"
 # does; "off" draws the VAE samples per step, so it enters the id.
 TRAINING_OPTIONS = ("lora_dropout", "lr_scheduler", "lr_warmup_steps", "lr_cycles", "gradient_accumulation_steps",
                     "min_snr_gamma", "noise_offset", "mixed_precision", "gradient_checkpointing", "optimizer",
-                    "train_text_encoder", "text_encoder_lr", "validation_images", "buckets")
+                    "train_text_encoder", "text_encoder_lr", "validation_images", "buckets", "max_grad_norm",
+                    "clip_skip")
 LATER_RUN_OPTIONS: dict[str, tuple[object, ...]] = {
     **{name: (TrainingRunSpec.model_fields[name].default,) for name in TRAINING_OPTIONS},
     "cache": ("disk", "memory"),

@@ -121,7 +121,9 @@ class TrainingSpec(Frozen):
     ranks: tuple[PositiveInt, ...] | None = Field(default=None, min_length=1)  # None: the memory preset's rank
     alpha: float | None = Field(default=None, gt=0, description="LoRA alpha; None means alpha = rank")
     max_steps: PositiveInt
-    checkpoint_steps: tuple[PositiveInt, ...] = Field(min_length=1)
+    checkpoint_steps: tuple[PositiveInt, ...] | None = Field(default=None, min_length=1)
+    # Save every N steps and at max_steps; with checkpoint_steps too, the union (resolved_checkpoint_steps).
+    checkpoint_every: PositiveInt | None = None
     learning_rate: float = Field(gt=0, le=1)
     batch_size: PositiveInt = 1
     resolution: int = Field(default=512, ge=8, le=4096, multiple_of=8)
@@ -151,6 +153,10 @@ class TrainingSpec(Frozen):
     # about resolution^2 pixels (sides multiples of bucket_step, 1:2 to 2:1); a batch holds one bucket.
     buckets: bool = False
     bucket_step: int = Field(default=64, ge=8, le=512, multiple_of=8)
+    # Clip the LoRA gradients' total norm (after fp16 unscaling); None: no clipping. kohya's default is 1.0.
+    max_grad_norm: float | None = Field(default=None, gt=0)
+    # A1111's "Clip skip": N conditions on the text encoder's N-th layer from the end (1: the last). SD1.x only.
+    clip_skip: int = Field(default=1, ge=1, le=12)
 
     @field_validator("ranks", "checkpoint_steps")
     @classmethod
@@ -163,10 +169,7 @@ class TrainingSpec(Frozen):
         if self.ranks is None and self.memory_preset_gib is None:
             problems.append("ranks is missing; allowed: a list of LoRA ranks, or leave it out and set "
                             "memory_preset_gib (the preset then picks the rank)")
-        beyond = [s for s in self.checkpoint_steps if s > self.max_steps]
-        if beyond:
-            problems.append(f"checkpoint_steps {beyond} exceed max_steps {self.max_steps}; "
-                            f"allowed: steps from 1 to {self.max_steps}")
+        problems += self._checkpoint_problems()
         if self.target_modules is not None and self.target_preset is not None:
             problems.append(f"target_modules {list(self.target_modules)} and target_preset {self.target_preset!r} "
                             "are both set; allowed: one of them")
@@ -190,6 +193,27 @@ class TrainingSpec(Frozen):
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+    def _checkpoint_problems(self) -> list[str]:
+        problems = []
+        if self.checkpoint_steps is None and self.checkpoint_every is None:
+            problems.append("checkpoint_steps is missing; allowed: a list of steps from 1 to max_steps, "
+                            "or checkpoint_every = N (every N steps and at max_steps)")
+        beyond = [s for s in self.checkpoint_steps or () if s > self.max_steps]
+        if beyond:
+            problems.append(f"checkpoint_steps {beyond} exceed max_steps {self.max_steps}; "
+                            f"allowed: steps from 1 to {self.max_steps}")
+        if self.checkpoint_every is not None and self.checkpoint_every > self.max_steps:
+            problems.append(f"checkpoint_every {self.checkpoint_every} exceeds max_steps {self.max_steps}; "
+                            f"allowed: 1 to {self.max_steps}")
+        return problems
+
+    def resolved_checkpoint_steps(self) -> tuple[int, ...]:
+        """The sorted steps that save a LoRA: checkpoint_steps united with every `checkpoint_every`-th step
+        and max_steps (so the final weights are always saved, as kohya's save_every_n_steps does)."""
+        every = self.checkpoint_every
+        periodic = {*range(every, self.max_steps + 1, every), self.max_steps} if every else set()
+        return tuple(sorted({*(self.checkpoint_steps or ()), *periodic}))
 
     def lora_targets(self) -> tuple[str, ...]:
         """The UNet module names that get LoRA: the explicit list, else the preset (default 'attention')."""

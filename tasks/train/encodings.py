@@ -117,7 +117,7 @@ class TrainingEncodings:
 
 def encode_training_set(items: list[DatasetItem], sizes: list[tuple[int, int]], vae, encoders: list,
                         tokenizers: list, generator: torch.Generator, device: str, *, mode: str,
-                        cache_dir: str | None = None) -> TrainingEncodings:
+                        cache_dir: str | None = None, clip_skip: int = 1) -> TrainingEncodings:
     """Encode (or load from the cache) every item at its crop size; see the module docstring for `mode`."""
     time_ids = (torch.tensor([size_ids(item_size(item), max(size), size) for item, size in zip(items, sizes, strict=True)])
                 if len(encoders) == 2 else None)
@@ -126,7 +126,7 @@ def encode_training_set(items: list[DatasetItem], sizes: list[tuple[int, int]], 
         return TrainingEncodings(sizes, TextConditioning(None, None, time_ids), pixels=pixels)
     cache = EncodingCache(Path(cache_dir)) if mode == "disk" and cache_dir else None
     posteriors = _posteriors(items, sizes, vae, device, cache)
-    states, pooled = _text_outputs([item.caption for item in items], encoders, tokenizers, device, cache)
+    states, pooled = _text_outputs([item.caption for item in items], encoders, tokenizers, device, cache, clip_skip)
     if cache is not None:
         log.info("encoding cache %s: %d hits, %d encoded", cache.folder, cache.stats.hits, cache.stats.misses)
     latents = [latent * vae.config.scaling_factor for latent in _sample_in_order(posteriors, generator)]
@@ -160,16 +160,18 @@ def _posteriors(items: list[DatasetItem], sizes: list[tuple[int, int]], vae, dev
 
 
 def _text_outputs(captions: list[str], encoders: list, tokenizers: list, device: str,
-                  cache: EncodingCache | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Hidden states (and SDXL's pooled embedding) of each caption, stacked, on the CPU."""
+                  cache: EncodingCache | None, clip_skip: int = 1) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Hidden states (and SDXL's pooled embedding) of each caption, stacked, on the CPU. The cache key holds
+    clip_skip only when it is not 1, so entries written before the option existed stay valid."""
     encoders_id = weights_fingerprint(*encoders) if cache is not None else ""
     states, pooled = [], []
     for caption in captions:
         tokens = [ids.tolist() for ids in caption_tokens(caption, tokenizers)]
-        key = content_id({"encoders": encoders_id, "tokens": tokens}, 64)
+        identity = {"encoders": encoders_id, "tokens": tokens, **({"clip_skip": clip_skip} if clip_skip != 1 else {})}
+        key = content_id(identity, 64)
         cached = cache.load("text", key) if cache is not None else None
         if cached is None:
-            hidden, pool = encode_captions([caption], encoders, tokenizers, device)
+            hidden, pool = encode_captions([caption], encoders, tokenizers, device, clip_skip=clip_skip)
             cached = {"states": hidden[0].float().cpu()}
             if pool is not None:
                 cached["pooled"] = pool[0].float().cpu()

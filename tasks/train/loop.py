@@ -6,7 +6,7 @@ batch (from one aspect-ratio bucket when buckets are on), adds noise at a random
 predicts it with the LoRA-adapted UNet and takes an AdamW step on the LoRA parameters only.
 Options (all off by default, see TrainingSpec): LoRA dropout and wider target presets, an LR
 schedule with warmup, gradient accumulation (a step = `gradient_accumulation_steps` micro-batches),
-Min-SNR loss weighting, offset noise, fp16/bf16 mixed precision, gradient checkpointing, 8-bit
+Min-SNR loss weighting, offset noise, gradient clipping, fp16/bf16 mixed precision, gradient checkpointing, 8-bit
 AdamW and a text-encoder LoRA (the text encoders then run every step). Attention is diffusers'
 default, PyTorch's scaled_dot_product_attention. SDXL base models train the same way, their UNet
 also conditioned on the pooled text embedding and size ids (tasks.models.text_conditioning).
@@ -48,6 +48,7 @@ class TrainingHistory:
 
     losses: list[float] = field(default_factory=list)
     learning_rates: list[float] = field(default_factory=list)
+    grad_norms: list[float | None] = field(default_factory=list)  # total LoRA gradient norm before clipping
     trainable_params: int = 0
 
 
@@ -96,7 +97,7 @@ def setup(pipe, run: TrainingRunSpec, items: list[DatasetItem], *, device: str, 
     generator = torch.Generator(device="cpu").manual_seed(run.seed)
     sizes = crop_sizes(items, run.resolution, run.bucket_step if run.buckets else None)
     encoded = encode_training_set(items, sizes, vae, encoders, tokenizers, generator, device, mode=run.cache,
-                                  cache_dir=run.cache_dir)
+                                  cache_dir=run.cache_dir, clip_skip=run.clip_skip)
 
     # Mixed precision: frozen weights are held in the half dtype (half the memory); the LoRA weights
     # and their optimizer state stay fp32, and autocast runs the forward passes in the half dtype.
@@ -155,8 +156,9 @@ def param_groups(unet, trained_encoders: list, run: TrainingRunSpec) -> list[dic
     return groups
 
 
-def train_step(state: TrainState, step: int) -> float:
-    """One optimizer step over `batch_size x gradient_accumulation_steps` examples; returns its loss."""
+def train_step(state: TrainState, step: int) -> tuple[float, float]:
+    """One optimizer step over `batch_size x gradient_accumulation_steps` examples; returns its loss and the
+    LoRA gradients' total norm before clipping (`max_grad_norm`)."""
     run, unet = state.run, state.pipe.unet
     micro, accumulation = run.batch_size, run.gradient_accumulation_steps
     batch = micro * accumulation
@@ -186,16 +188,28 @@ def train_step(state: TrainState, step: int) -> float:
             if state.encode_text:
                 encoders, tokenizers = text_encoders(state.pipe)
                 condition = condition.with_text(*encode_captions(captions[rows], encoders, tokenizers, state.device,
-                                                                 grad=run.train_text_encoder))
+                                                                 grad=run.train_text_encoder,
+                                                                 clip_skip=run.clip_skip))
             prediction = unet(noisy, t, **condition.unet_kwargs(state.device)).sample
         loss = diffusion_loss(prediction, target, t, scheduler, run.min_snr_gamma)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"loss became {loss.item()} at step {step}; lower training.learning_rate")
         state.scaler.scale(loss / accumulation).backward()  # gradients of the mean over the whole batch
         step_loss += loss.item() / accumulation
+    state.scaler.unscale_(state.optimizer)  # fp16: measure and clip the true gradients (a no-op otherwise)
+    grad_norm = clip_gradients(state.params, run.max_grad_norm)
     state.scaler.step(state.optimizer)  # with fp16: skipped when gradients overflowed, and the scale lowered
     state.scaler.update()
-    return float(step_loss)
+    return float(step_loss), grad_norm
+
+
+def clip_gradients(params: list[torch.nn.Parameter], max_norm: float | None) -> float:
+    """The parameters' total gradient norm; with `max_norm`, the gradients scaled down to at most that norm.
+    Without it the gradients are left untouched (bit for bit)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if max_norm is None:
+        return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+    return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
 
 
 def step_captions(state: TrainState, index: list[int], step: int) -> list[str]:
@@ -212,12 +226,13 @@ def step_captions(state: TrainState, index: list[int], step: int) -> list[str]:
 
 def train_loop(state: TrainState, on_checkpoint: CheckpointCallback | None = None) -> TrainingHistory:
     """Steps from `state.first_step` to `max_steps`; `on_checkpoint(step, loop_state, history)` at every
-    checkpoint step. Returns the losses and learning rates of the steps taken."""
+    checkpoint step. Returns the losses, learning rates and gradient norms of the steps taken."""
     run = state.run
     history = TrainingHistory(trainable_params=sum(p.numel() for p in state.params))
     progress = tqdm(range(state.first_step, run.max_steps + 1), desc=f"train {run.run_id}", leave=False)
     for step in progress:
-        loss = train_step(state, step)
+        loss, grad_norm = train_step(state, step)
+        history.grad_norms.append(grad_norm)
         history.learning_rates.append(state.optimizer.param_groups[0]["lr"])
         state.lr_schedule.step()
         history.losses.append(loss)

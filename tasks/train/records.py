@@ -110,7 +110,7 @@ def write_run_row(run: TrainingRunSpec, layout: SweepLayout, started: datetime, 
         "validation_images": run.validation_images,
         "memory_preset_gib": run.memory_preset.gib if run.memory_preset else None,
         "buckets": run.buckets, "bucket_step": run.bucket_step if run.buckets else None, "encoding_cache": run.cache,
-        "skipped_files": stats.get("skipped_files"),
+        "skipped_files": stats.get("skipped_files"), "max_grad_norm": run.max_grad_norm, "clip_skip": run.clip_skip,
     }
     write_row_somewhere(row, layout, run.run_id)
 

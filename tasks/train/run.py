@@ -88,11 +88,12 @@ def _train(run: TrainingRunSpec, layout: SweepLayout, started: datetime) -> dict
 
     def on_checkpoint(step: int, loop: dict, now: TrainingHistory) -> None:
         losses, learning_rates = before.losses + now.losses, before.learning_rates + now.learning_rates
+        grad_norms = before.grad_norms + now.grad_norms
         elapsed = elapsed_before + time.perf_counter() - t0
         row = checkpoint_row(run, layout, step, losses, elapsed)
         row["validation_loss"] = validation_loss(pipe, validation, device) if validation else None
         state = {"step": step, "lora": get_peft_model_state_dict(pipe.unet, adapter_name=ADAPTER), **loop,
-                 "losses": losses, "learning_rates": learning_rates,
+                 "losses": losses, "learning_rates": learning_rates, "grad_norms": grad_norms,
                  "checkpoint_rows": [*checkpoint_rows, row], "elapsed": elapsed}
         for key, encoder in zip(TEXT_ENCODER_STATE_KEYS, trained_encoders):
             state[key] = get_peft_model_state_dict(encoder, adapter_name=ADAPTER)
@@ -103,8 +104,10 @@ def _train(run: TrainingRunSpec, layout: SweepLayout, started: datetime) -> dict
     history = fit_lora(pipe, run, items, device=device, on_checkpoint=on_checkpoint, resume=resume)
     wall = time.perf_counter() - t0
     losses, learning_rates = before.losses + history.losses, before.learning_rates + history.learning_rates
-    loss_rows = [{"sweep_id": run.sweep_id, "run_id": run.run_id, "step": step, "loss": loss, "learning_rate": lr}
-                 for step, (loss, lr) in enumerate(zip(losses, learning_rates, strict=True), start=1)]
+    grad_norms = before.grad_norms + history.grad_norms
+    loss_rows = [{"sweep_id": run.sweep_id, "run_id": run.run_id, "step": step, "loss": loss, "learning_rate": lr,
+                  "grad_norm": norm}
+                 for step, (loss, lr, norm) in enumerate(zip(losses, learning_rates, grad_norms, strict=True), start=1)]
     write_rows("losses", loss_rows, layout.table_file("losses", run.run_id))
     write_rows("checkpoints", checkpoint_rows, layout.table_file("checkpoints", run.run_id))
     steps_now = len(history.losses)
@@ -127,13 +130,15 @@ def latest_training_state(run: TrainingRunSpec, layout: SweepLayout) -> dict | N
     return None
 
 
-def resumed_history(run: TrainingRunSpec, resume: dict | None) -> tuple[list[float], list[float]]:
-    """Losses and learning rates of the steps before a resume; states saved before LR schedules existed
-    ran at the constant learning rate."""
+def resumed_history(run: TrainingRunSpec, resume: dict | None
+                    ) -> tuple[list[float], list[float], list[float | None]]:
+    """Losses, learning rates and gradient norms of the steps before a resume; states saved before LR
+    schedules existed ran at the constant learning rate, those before gradient norms were kept have none."""
     if not resume:
-        return [], []
+        return [], [], []
     losses = list(resume["losses"])
-    return losses, list(resume.get("learning_rates", [run.learning_rate] * len(losses)))
+    return (losses, list(resume.get("learning_rates", [run.learning_rate] * len(losses))),
+            list(resume.get("grad_norms", [None] * len(losses))))
 
 
 def resumed_checkpoint_rows(resume: dict | None) -> list[dict[str, object]]:
