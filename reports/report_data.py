@@ -82,7 +82,6 @@ def open_catalog(layout: SweepLayout) -> duckdb.DuckDBPyConnection:
     return con
 
 
-
 def fetch(con: duckdb.DuckDBPyConnection, sql: str) -> list[Row]:
     """Run `sql` and return its rows as dicts keyed by column name."""
     cursor = con.execute(sql)
@@ -110,11 +109,10 @@ def load_counts(con: duckdb.DuckDBPyConnection) -> dict[str, int]:
             (SELECT count(*) FROM images WHERE run_id IS NULL),
             (SELECT count(DISTINCT metric) FROM image_metrics),
             (SELECT count(*) FROM image_metrics),
-            (SELECT count(*) FROM losses),
-            (SELECT count(*) FROM renders WHERE status = 'failed')"""
+            (SELECT count(*) FROM losses)"""
     ).fetchone()
     keys = ("runs", "completed_runs", "failed_runs", "checkpoints", "images", "baseline_images",
-            "metrics", "metric_values", "loss_points", "failed_renders")
+            "metrics", "metric_values", "loss_points")
     return dict(zip(keys, (int(value) for value in row)))
 
 

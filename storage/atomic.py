@@ -38,8 +38,9 @@ def current_umask() -> int:
     return mask
 
 
-FILE_MODE = 0o666 & ~current_umask()  # what open() would have given a new file
-FOLDER_MODE = 0o777 & ~current_umask()  # what mkdir() would have given a new folder
+UMASK = current_umask()
+FILE_MODE = 0o666 & ~UMASK  # what open() would have given a new file
+FOLDER_MODE = 0o777 & ~UMASK  # what mkdir() would have given a new folder
 
 
 def temp_prefix(name: str) -> str:

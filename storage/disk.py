@@ -24,13 +24,18 @@ class WriteFailed(OSError):
     """A write refused by the disk or the folder; `str()` names the folder and, when full, its free space."""
 
 
-def free_bytes(folder: Path) -> int | None:
-    """Free bytes on the disk holding `folder` (its nearest existing parent), None when unknown."""
-    existing = Path(folder)
+def existing_ancestor(path: Path) -> Path:
+    """`path` itself when it exists, else its nearest existing parent (a folder not made yet is on that disk)."""
+    existing = Path(path)
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
+    return existing
+
+
+def free_bytes(folder: Path) -> int | None:
+    """Free bytes on the disk holding `folder` (its nearest existing parent), None when unknown."""
     try:
-        return shutil.disk_usage(existing).free
+        return shutil.disk_usage(existing_ancestor(folder)).free
     except OSError:
         return None
 

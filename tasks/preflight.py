@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 
 from storage.cleanup import remove_leftovers
-from storage.disk import free_bytes, size_text
+from storage.disk import existing_ancestor, free_bytes, size_text
 from tasks.data.captions import captioner_problem
 from tasks.data.dataset import MIN_IMAGE_SIDE, DatasetError, dataset_fingerprint, dataset_summary, load_clip_tokenizer
 from tasks.data.demo_world import write_demo_dataset
@@ -28,7 +28,7 @@ from tasks.models.tiny_sdxl import ensure_tiny_sdxl
 from tasks.score.clip_metrics import clip_folder_problems
 from tasks.sweep.devices import cuda_device_count, resolve_precision, torch_device
 from tasks.sweep.ids import content_id
-from tasks.sweep.model_family import model_family
+from tasks.sweep.model_family import ModelFamily, model_family
 from tasks.sweep.plan import PreparedInputs, preset_settings, sweep_root, training_runs
 from tasks.sweep.presets import memory_preset
 from tasks.sweep.prompt_syntax import CHUNK_TOKENS
@@ -94,7 +94,8 @@ def _prepare(spec: SweepSpec) -> PreparedInputs:
         path, found = _model_path(spec, model.path, model.config)
         model_paths[model.name] = path
         if not found:
-            found = _family_problems(spec, path, model.config) or memory_problems(spec, path, model.config)
+            model_dir, family = Path(model.config or path), model_family(path, model.config)
+            found = _family_problems(spec, model_dir, family) or memory_problems(spec, model_dir, family)
         problems += [f"base_models[{index}] ({model.name}): {p}" for p in found]
     dataset_path, fingerprint, count, found = _dataset(spec, training_resolution(spec, model_paths, problems))
     problems += found
@@ -139,7 +140,6 @@ def warn_long_prompts(spec: SweepSpec) -> None:
 
 def _lora_fit(spec: SweepSpec, index: int, model_paths: dict[str, str]) -> list[str]:
     """An extra LoRA must fit every base model it is stacked on (a single file: its config folder)."""
-
     extra = spec.render.extra_loras[index]
     problems = []
     for number, model in enumerate(spec.base_models):
@@ -160,17 +160,16 @@ def _model_path(spec: SweepSpec, path: str, config: str | None) -> tuple[str, li
     return path, validate_base_model(path, config=config)
 
 
-def _family_problems(spec: SweepSpec, path: str, config: str | None) -> list[str]:
+def _family_problems(spec: SweepSpec, model_dir: Path, family: ModelFamily) -> list[str]:
     """Training options the model cannot use: a memory preset below its family's smallest tier, a LoRA
     rank wider than every layer it adapts (a rank wider than some of them is only warned about)."""
     gib = spec.training.memory_preset_gib
-    family = model_family(path, config)
     if gib is not None:
         try:
             memory_preset(gib, family)
         except ValueError as err:
             return [f"training.memory_preset_gib = {gib:g}: {err}"]
-    widths = unet_widths(Path(config or path))
+    widths = unet_widths(model_dir)
     if not widths:
         return []
     problems = []
@@ -184,12 +183,11 @@ def _family_problems(spec: SweepSpec, path: str, config: str | None) -> list[str
     return problems
 
 
-def memory_problems(spec: SweepSpec, path: str, config: str | None) -> list[str]:
+def memory_problems(spec: SweepSpec, model_dir: Path, family: ModelFamily) -> list[str]:
     """A base model whose frozen weights alone exceed this machine's memory, in training's or rendering's
     dtype (tasks.models.memory: a lower bound). Checked only when this machine runs the work (threads)."""
     if spec.execution.runner != "threads":
         return []
-    model_dir, family = Path(config or path), model_family(path, config)
     device = torch_device()
     available = device_memory_bytes(device)
     problems = []
@@ -227,14 +225,12 @@ def training_resolution(spec: SweepSpec, model_paths: dict[str, str], problems: 
     the demo dataset is generated at it and the summary buckets for it."""
     if spec.training.memory_preset_gib is None or problems:
         return spec.training.resolution
-
     return max(preset_settings(spec.training, model_family(model_paths[m.name], m.config))[1]["resolution"]
                for m in spec.base_models)
 
 
 def _dataset(spec: SweepSpec, resolution: int) -> tuple[str, str, int, list[str]]:
     """Scan the dataset by its source, check the captioner folder, and print the dataset summary."""
-
     ds = spec.dataset
     path = ds.path
     if path.startswith(BUILTIN_PREFIX):
@@ -264,9 +260,7 @@ def _dataset(spec: SweepSpec, resolution: int) -> tuple[str, str, int, list[str]
 
 
 def _output_problems(output_dir: Path, field: str = "output_dir") -> list[str]:
-    existing = output_dir
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
+    existing = existing_ancestor(output_dir)
     if not existing.is_dir():
         return [f"{field} {str(output_dir)!r}: {str(existing)!r} is a file, not a folder"]
     try:  # access() says yes to root everywhere, /proc included: try a real write

@@ -3,6 +3,7 @@ encoding that equals diffusers bit for bit on plain prompts and follows A1111 on
 
 from __future__ import annotations
 
+import copy
 import math
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import torch
 
 from tasks.data.dataset import load_clip_tokenizer
 from tasks.models.base_model import load_pipeline
+from tasks.models.text_conditioning import text_encoders
 from tasks.models.tiny_sdxl import ensure_tiny_sdxl
 from tasks.render.prompts import (
     PromptChunks,
@@ -19,7 +21,6 @@ from tasks.render.prompts import (
     encode_prompt_pair,
     encode_prompts,
     pad_to_same_length,
-    text_components,
     token_count,
 )
 from tasks.sweep.prompt_syntax import CHUNK_LENGTH, parse_prompt_attention, uses_a1111_syntax
@@ -49,7 +50,7 @@ def sdxl(tmp_path_factory: pytest.TempPathFactory):
 
 
 def encode(pipe, prompts: list[str]):
-    tokenizers, encoders = text_components(pipe)
+    encoders, tokenizers = text_encoders(pipe)
     return encode_prompts(prompts, tokenizers, encoders, "cpu")
 
 
@@ -122,7 +123,7 @@ def test_plain_prompt_ids_equal_the_tokenizers_own_padding(tokenizer) -> None:
     text = "a photo, of a cat"
     assert list(chunk_prompt(text, tokenizer).input_ids[0]) == tokenizer(
         text, padding="max_length", max_length=77).input_ids
-    tokenizer_g = load_clip_tokenizer()
+    tokenizer_g = copy.deepcopy(load_clip_tokenizer())  # the loaded one is shared by the process
     tokenizer_g.pad_token = "!"  # the real SDXL tokenizer_2 pads with id 0
     ids = chunk_prompt(text, tokenizer_g).input_ids[0]
     assert list(ids) == tokenizer_g(text, padding="max_length", max_length=77).input_ids
@@ -250,7 +251,7 @@ def test_pad_to_same_length() -> None:
 
 
 def test_sd15_pair_pads_the_negative_and_runs_the_pipeline(sd15) -> None:
-    tokenizers, encoders = text_components(sd15)
+    encoders, tokenizers = text_encoders(sd15)
     short = encode_prompt_pair(["a cat"], [""], tokenizers, encoders, "cpu")
     assert torch.equal(short.negative_prompt_embeds, sd15.encode_prompt("a cat", "cpu", 1, True, "")[1])
     assert not short.padded and set(short.pipeline_kwargs()) == {"prompt_embeds", "negative_prompt_embeds"}
@@ -263,7 +264,7 @@ def test_sd15_pair_pads_the_negative_and_runs_the_pipeline(sd15) -> None:
 
 
 def test_sdxl_empty_negative_is_zeros_of_the_positive_length(sdxl) -> None:
-    tokenizers, encoders = text_components(sdxl)
+    encoders, tokenizers = text_encoders(sdxl)
     pair = encode_prompt_pair([" ".join(words(100))], [""], tokenizers, encoders, "cpu")
     assert pair.prompt_embeds.shape[1] == 154 and not pair.padded
     assert torch.equal(pair.negative_prompt_embeds, torch.zeros_like(pair.prompt_embeds))

@@ -10,6 +10,7 @@ import hashlib
 import statistics
 from collections import Counter
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -318,8 +319,10 @@ def dataset_summary(items: list[DatasetItem], tokenizer: Any = None, *, resoluti
     )
 
 
+@lru_cache(maxsize=1)
 def load_clip_tokenizer() -> Any:
-    """The real CLIP BPE tokenizer shipped in tasks/assets, for counting caption tokens."""
+    """The real CLIP BPE tokenizer shipped in tasks/assets, for counting caption tokens; loaded once per
+    process (0.13 s each time here): preflight and every render job count with it. Shared: do not modify it."""
     return CLIPTokenizer.from_pretrained(str(CLIP_TOKENIZER_DIR))
 
 

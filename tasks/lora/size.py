@@ -17,8 +17,8 @@ from functools import lru_cache
 from pathlib import Path
 
 import torch
-from diffusers import UNet2DConditionModel
 
+from tasks.models.memory import meta_component
 from tasks.sweep.plan import TrainingRunSpec
 from tasks.sweep.presets import TEXT_ENCODER_TARGETS
 
@@ -37,11 +37,8 @@ def targeted(name: str, targets: Sequence[str]) -> bool:
 @lru_cache(maxsize=16)
 def unet_lora_widths(config_file: Path, targets: tuple[str, ...]) -> tuple[int, int]:
     """(parameters per unit of rank, adapted layers) of a LoRA on the UNet described by `config_file`."""
-    config = json.loads(config_file.read_text())
-    with torch.device("meta"):
-        unet = UNet2DConditionModel.from_config(config)
     width = layers = 0
-    for name, module in unet.named_modules():
+    for name, module in meta_component(config_file).named_modules():
         if not targeted(name, targets):
             continue
         if isinstance(module, torch.nn.Linear):

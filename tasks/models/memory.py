@@ -20,19 +20,27 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 DTYPE_BYTES = {"fp32": 4, "no": 4, "fp16": 2, "bf16": 2}
 
 
-@lru_cache(maxsize=16)
+BUILDERS = {
+    "unet": lambda config: UNet2DConditionModel.from_config(config),
+    "vae": lambda config: AutoencoderKL.from_config(config),
+    "text_encoder": lambda config: CLIPTextModel(CLIPTextConfig.from_dict(config)),
+    "text_encoder_2": lambda config: CLIPTextModelWithProjection(CLIPTextConfig.from_dict(config)),
+}
+
+
+@lru_cache(maxsize=32)
+def meta_component(config_file: Path) -> torch.nn.Module:
+    """The component a `<component>/config.json` describes, built on the meta device: shapes, no memory."""
+    build = BUILDERS[config_file.parent.name]
+    with torch.device("meta"):
+        return build(json.loads(config_file.read_text()))
+
+
 def component_params(model_dir: Path) -> dict[str, int]:
     """Parameter count of each component whose config.json the diffusers folder (or config folder) holds."""
-    counts = {}
-    for name, build in (("unet", lambda c: UNet2DConditionModel.from_config(c)),
-                        ("vae", lambda c: AutoencoderKL.from_config(c)),
-                        ("text_encoder", lambda c: CLIPTextModel(CLIPTextConfig.from_dict(c))),
-                        ("text_encoder_2", lambda c: CLIPTextModelWithProjection(CLIPTextConfig.from_dict(c)))):
-        config_file = model_dir / name / "config.json"
-        if config_file.is_file():
-            with torch.device("meta"):
-                counts[name] = sum(p.numel() for p in build(json.loads(config_file.read_text())).parameters())
-    return counts
+    files = {name: model_dir / name / "config.json" for name in BUILDERS}
+    return {name: sum(p.numel() for p in meta_component(file).parameters())
+            for name, file in files.items() if file.is_file()}
 
 
 def training_weight_bytes(model_dir: Path, mixed_precision: str) -> int:

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tasks.render.prompts import chunk_prompt, encode_prompt_pair, text_components, token_count
+from tasks.models.text_conditioning import text_encoders
+from tasks.render.prompts import chunk_prompt, encode_prompt_pair, token_count
 from tasks.sweep.plan import Cell, RenderJobSpec
 from tasks.sweep.prompt_syntax import CHUNK_TOKENS, uses_a1111_syntax
 
@@ -27,7 +28,8 @@ class PromptConditioner:
 
     def __init__(self, pipe, job: RenderJobSpec, device: str) -> None:
         self.pipe, self.job, self.device = pipe, job, device
-        self.tokenizers, self.encoders = text_components(pipe)
+        self.encoders, self.tokenizers = text_encoders(pipe)
+        self.keys: dict[str, int] = {}  # group key per prompt: tokenized once, not once per cell
 
     def a1111_reads_differently(self, text: str) -> bool:
         """The text uses A1111's syntax or is longer than one 75-token chunk."""
@@ -36,11 +38,16 @@ class PromptConditioner:
     def group_key(self, cell: Cell) -> int:
         """Cells with one key share a call: 0 for text prompts, else the prompt's chunk count (a batch
         of embeddings must share one length, and A1111 pads a prompt only against its negative)."""
+        if cell.prompt not in self.keys:
+            self.keys[cell.prompt] = self.prompt_key(cell.prompt)
+        return self.keys[cell.prompt]
+
+    def prompt_key(self, prompt: str) -> int:
         job = self.job
-        if job.prompt_syntax == "plain" or not (self.a1111_reads_differently(cell.prompt)
+        if job.prompt_syntax == "plain" or not (self.a1111_reads_differently(prompt)
                                                 or self.a1111_reads_differently(job.negative_prompt)):
             return 0
-        return len(chunk_prompt(cell.prompt, self.tokenizers[0]).input_ids)
+        return len(chunk_prompt(prompt, self.tokenizers[0]).input_ids)
 
     def cell_infotext(self, cell: Cell) -> dict[str, str]:
         """A plain-syntax prompt with brackets: A1111 reads them as text only with "Emphasis: None"."""

@@ -181,7 +181,7 @@ class EncodedPrompts:
 def encode_prompts(prompts: list[str], tokenizers: list[Any], text_encoders: list[Any],
                    device: str | torch.device) -> EncodedPrompts:
     """Encode prompts as A1111 does (emphasis "Original", 75-token chunks joined on the token axis). Pass
-    [tokenizer], [text_encoder] for SD1.x, or both of each in pipeline order for SDXL (`text_components`)."""
+    [tokenizer], [text_encoder] for SD1.x, or both of each in pipeline order for SDXL (`tasks.models.text_conditioning.text_encoders`)."""
     if not prompts:
         raise ValueError("encode_prompts needs at least one prompt")
     encoded = [encode_one_prompt(p, tokenizers, text_encoders, device) for p in prompts]
@@ -254,12 +254,3 @@ def encode_prompt_pair(prompts: list[str], negative_prompts: list[str], tokenize
     padded = positive.padded or negative.padded or embeds.shape[1] != positive.embeds.shape[1] \
         or negative_embeds.shape[1] != negative.embeds.shape[1]
     return ConditioningPair(embeds, negative_embeds, positive.pooled, negative.pooled, padded)
-
-
-def text_components(pipe: Any) -> tuple[list[Any], list[Any]]:
-    """A pipeline's tokenizers and text encoders in encoding order: one for SD1.x, two for SDXL."""
-    if getattr(pipe, "tokenizer", None) is None or getattr(pipe, "text_encoder", None) is None:
-        raise ValueError(f"{type(pipe).__name__} has no first tokenizer and text encoder (an SDXL refiner?)")
-    if getattr(pipe, "text_encoder_2", None) is None:
-        return [pipe.tokenizer], [pipe.text_encoder]
-    return [pipe.tokenizer, pipe.tokenizer_2], [pipe.text_encoder, pipe.text_encoder_2]
