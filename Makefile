@@ -19,7 +19,8 @@ test: $(VENV)/.installed
 	bash tests/install_chromium.sh || true
 	$(PY) -m pytest
 
-# The multi-process checks (Dask LocalCluster, two Prefect workers) and the world model's LoRA story.
+# The multi-process checks (Dask LocalCluster, two Prefect workers), the world model's LoRA story and the
+# full-size SD1.5/SDXL checks (models built once into LORA_SWEEP_FULL_SIZE_CACHE, default ~/.cache/lora-sweep).
 test-slow: $(VENV)/.installed
 	$(PY) -m pytest -m slow
 

@@ -63,7 +63,7 @@ def notebook_render(job: RenderJobSpec, out_dir: Path, device: str) -> int:
     """Render the job's grid one image at a time, loading the pipeline and the LoRA for each image."""
     from tasks.lora.files import DIFFUSERS_FILE
     from tasks.render.samplers import make_scheduler
-    from tasks.sweep.plan import grid_cells
+    from tasks.sweep.cells import grid_cells
 
     if job.checkpoint is None:
         raise ValueError(f"render {job.render_id}: the notebook baseline needs a LoRA checkpoint")
@@ -90,7 +90,7 @@ def bare_batched_render(pipe: StableDiffusionPipeline, job: RenderJobSpec) -> Ca
     Returns the call to time (it returns the image count); what `render_job` adds on top is our overhead.
     """
     from tasks.render.samplers import make_scheduler
-    from tasks.sweep.plan import grid_cells
+    from tasks.sweep.cells import grid_cells
 
     cells = grid_cells(job)
     groups: dict[tuple, list] = {}

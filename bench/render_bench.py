@@ -17,8 +17,9 @@ from bench.naive import bare_batched_render, notebook_render
 from tasks.lora.files import DIFFUSERS_FILE
 from tasks.models.base_model import load_pipeline
 from tasks.render.job import ADAPTER, render_job
+from tasks.sweep.cells import grid_cells
 from tasks.sweep.devices import torch_device
-from tasks.sweep.plan import RenderJobSpec, grid_cells
+from tasks.sweep.plan import RenderJobSpec
 
 SUITE = "render"
 SCALES = (1, 4, 16)

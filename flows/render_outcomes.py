@@ -18,7 +18,8 @@ from prefect.futures import PrefectFuture
 
 from storage.layout import SweepLayout
 from storage.parquet_io import write_rows
-from tasks.sweep.plan import RenderJobSpec, grid_cells
+from tasks.sweep.cells import grid_cells
+from tasks.sweep.plan import RenderJobSpec
 
 
 def outcome_row(job: RenderJobSpec, future: PrefectFuture, recorded_at: datetime) -> dict[str, object]:

@@ -1,8 +1,9 @@
 """`make demo`: run the demo sweep through a real Prefect deployment on this machine.
 
-Starts a loopback Prefect server if none answers, creates the process work pool, deploys
-from prefect.yaml, runs `prefect deployment run lora-sweep/<name>`, runs a worker until that
-flow run ends, then prints the outcome, the report path and an example DuckDB query.
+Starts a loopback Prefect server (with its web UI) if none answers, creates the process work pool,
+deploys from prefect.yaml, runs `prefect deployment run lora-sweep/<name>`, runs a worker until that
+flow run ends, then prints the outcome, the flow run's page in the Prefect UI (its artifacts: the
+summary, the report link, the best table), the report path and an example DuckDB query.
 Exits non-zero unless the flow run COMPLETED.
 """
 
@@ -41,15 +42,21 @@ def server_answers(api_url: str) -> bool:
         return False
 
 
-def ensure_server(api_url: str, port: int) -> None:
-    """Start `prefect server start` on 127.0.0.1 in the background unless one already answers."""
+def ui_url(port: int) -> str:
+    """The Prefect UI of the loopback server (served by the same process as the API)."""
+    return f"http://127.0.0.1:{port}"
+
+
+def ensure_server(api_url: str, port: int) -> subprocess.Popen | None:
+    """Start `prefect server start` on 127.0.0.1 in the background unless one already answers; return the
+    started process (its own session: `os.killpg(process.pid, ...)` stops it), None when one answered."""
     if server_answers(api_url):
         print(f"Prefect server: using the one at {api_url}")
-        return
+        return None
     log = Path(os.environ["PREFECT_HOME"]) / "server.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     print(f"Prefect server: starting on 127.0.0.1:{port} (log {log})")
-    subprocess.Popen(
+    process = subprocess.Popen(
         [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
         cwd=REPO, stdout=log.open("ab"), stderr=subprocess.STDOUT, start_new_session=True,
     )
@@ -58,6 +65,7 @@ def ensure_server(api_url: str, port: int) -> None:
         if time.monotonic() > deadline:
             raise SystemExit(f"Prefect server did not answer at {api_url} within 180 s; see {log}")
         time.sleep(1)
+    return process
 
 
 def flow_run_state(flow_run_id: str) -> tuple[str, str | None]:
@@ -105,10 +113,12 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("PREFECT_HOME", str(REPO / ".prefect"))
     os.environ.setdefault("PREFECT_API_URL", f"http://127.0.0.1:{args.port}/api")
     for key, value in {"DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-                       "HF_HUB_OFFLINE": "1", "PREFECT_UI_ENABLED": "false"}.items():
+                       "HF_HUB_OFFLINE": "1", "PREFECT_UI_ENABLED": "true"}.items():
         os.environ.setdefault(key, value)
 
     ensure_server(os.environ["PREFECT_API_URL"], args.port)
+    if os.environ["PREFECT_UI_ENABLED"].lower() in ("1", "true", "yes"):
+        print(f"Prefect UI: {ui_url(args.port)} (flow runs, logs and each run's artifacts)")
     if prefect("work-pool", "inspect", POOL, check=False).returncode != 0:
         prefect("work-pool", "create", POOL, "--type", "process")
     prefect("deploy", "--all")
@@ -122,6 +132,9 @@ def main(argv: list[str] | None = None) -> int:
     wall = time.perf_counter() - started
     print(f"\nFlow run {flow_run_id}: {state}{f' ({message})' if message else ''}")
     print(f"Wall time: {wall:.1f} s")
+    # Open the UI at its root: this Prefect server answers 404 to a deep link typed into the address bar.
+    print(f"In the Prefect UI: {ui_url(args.port)} -> Runs -> flow run {flow_run_id} -> Artifacts (the summary, "
+          "the report link, the best checkpoint per metric); the Artifacts page lists them for every sweep")
     _print_results(args.deployment)
     return 0 if state == "COMPLETED" else 1
 
@@ -134,8 +147,9 @@ def _print_results(deployment: str) -> None:
     root = spec_json.parent
     print(f"Report:  {root / 'report' / 'index.html'}")
     print(f"Catalog: {root / 'catalog.duckdb'}")
-    print("Example query (duckdb CLI or Python):")
-    print(f"  duckdb -readonly {root / 'catalog.duckdb'} \\\n"
+    print(f"Every sweep in {root.parent}: {root.parent / 'index.html'}, {root.parent / 'catalog.duckdb'}")
+    print("Example query (the DuckDB shell the project installs, or Python's duckdb):")
+    print(f"  {Path(sys.executable).parent / 'duckdb'} -readonly {root / 'catalog.duckdb'} \\\n"
           "    \"SELECT rank, checkpoint_step, lora_weight, count(*) AS images FROM grid GROUP BY ALL ORDER BY ALL\"")
     print(json.dumps({"sweep_root": str(root)}))
 

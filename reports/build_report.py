@@ -1,7 +1,10 @@
-"""Build the self-contained HTML report of one sweep: `<sweep_root>/report/index.html`.
+"""Build the HTML report of one sweep: `<sweep_root>/report/index.html`, its script and style, and `data/`.
 
-Data comes from `reports.report_data` (DuckDB over Parquet); this module turns it into
-template context, renders it with Jinja2 (autoescape on) and writes files atomically.
+index.html carries every aggregate (summary, heatmaps, axis effects, best by metric, loss curves,
+runs) and stays small at any sweep size; the image grid's rows stream from DuckDB into slice files
+(`reports.slices`) that the page loads on demand. Memory stays bounded by a slice, not the sweep.
+Cheap to call again during a sweep: unchanged slices are not rewritten, and `progress` text shows
+on the page while the sweep is under way.
 """
 
 from __future__ import annotations
@@ -19,10 +22,13 @@ import duckdb
 import jinja2
 from markupsafe import Markup
 
-from reports.charts import fmt, heatmaps, loss_chart
+from reports.aggregates import axis_effects, create_metric_cells, heat_cells
+from reports.axes import FIXED_BY_DEFAULT, Axis, default_xy, grid_axes, load_axes
+from reports.charts import fmt, loss_chart
 from reports.descriptions import lora_text, options_recorded, parse_extra_loras, run_options
-from reports.grid import grid_payload, script_json
-from reports.report_data import SweepData, load_sweep
+from reports.ladder import ladder_section
+from reports.report_data import SweepData, load_summary, open_catalog
+from reports.slices import Hrefs, SliceWriter, write_slices
 from storage.atomic import write_atomic
 from storage.layout import SweepLayout
 from storage.schema import SCHEMA_VERSION
@@ -31,75 +37,53 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 TEMPLATE_DIR = PACKAGE_DIR / "templates"
 STATIC_DIR = PACKAGE_DIR / "static"
 STATIC_FILES = ("report.css", "report.js")
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp"}
 
 
-def build_report(sweep_root: Path) -> Path:
-    """Read the sweep's tables, render the report, and return the path of its index.html."""
+def build_report(sweep_root: Path, progress: str | None = None) -> Path:
+    """Read the sweep's tables, write the report, and return the path of its index.html.
+
+    `progress` (e.g. "in progress: 3 of 8 runs, 120 of 400 images") is shown at the top of the page.
+    """
     layout = SweepLayout(Path(sweep_root).resolve())
-    data = load_sweep(layout.root)
-    html = render_html(report_context(data, layout))
     out = layout.report_dir
     out.mkdir(parents=True, exist_ok=True)
     for name in STATIC_FILES:  # assets first, so index.html never points at a missing file
         write_atomic(out / name, (STATIC_DIR / name).read_bytes(), fsync=True)
-    return write_atomic(out / "index.html", html.encode("utf-8"), fsync=True)
+    writer = SliceWriter(out, script_json)
+    con = open_catalog(layout)
+    try:
+        context = report_context(con, layout, writer)
+    finally:
+        con.close()
+    context["progress"] = progress
+    index = write_atomic(out / "index.html", render_html(context).encode("utf-8"), fsync=True)
+    writer.remove_others()  # after the swap: the new index.html names none of them
+    return index
 
 
+# One environment per process: the template compiles once however often a live sweep rebuilds the report.
+TEMPLATES = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATE_DIR), autoescape=True,
+                               undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
 
 
 def render_html(context: dict[str, Any]) -> str:
     """Render index.html.j2; autoescape is always on, whatever the file name."""
-    env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATE_DIR), autoescape=True,
-                             undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
-    return env.get_template("index.html.j2").render(**context)
+    return TEMPLATES.get_template("index.html.j2").render(**context)
 
 
-def href(target: Path, layout: SweepLayout) -> str:
-    """URL of `target` relative to the report folder (works from file:// and over HTTP)."""
-    return quote(Path(os.path.relpath(target, layout.report_dir)).as_posix())
+def script_json(payload: Any) -> str:
+    """JSON safe inside <script>: no `</`, `<!--` or `]]>` can appear, nor a raw line separator."""
+    text = json.dumps(payload, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    return (text.replace("&", "\\u0026").replace("<", "\\u003c").replace(">", "\\u003e")
+            .replace("\u2028", "\\u2028").replace("\u2029", "\\u2029"))
 
 
-def stored_path(path: str, layout: SweepLayout) -> Path:
-    """A path from a table: absolute as written, otherwise relative to the sweep root."""
-    return Path(path) if Path(path).is_absolute() else layout.root / path
-
-
-def image_href(row: dict[str, Any], layout: SweepLayout) -> str:
-    """Where an image is, preferring the recorded path and falling back to images/<render_id>/."""
-    recorded = stored_path(row["path"] or "", layout)
-    moved = layout.render_dir(row["render_id"] or "") / recorded.name
-    return href(moved if not recorded.is_file() and moved.is_file() else recorded, layout)
-
-
-def file_href(path: str | None, layout: SweepLayout) -> str | None:
+def file_href(path: str | None, hrefs: Hrefs) -> str | None:
     """Link to a file named in a table, or None when the row names none."""
-    return href(stored_path(path, layout), layout) if path else None
-
-
-def reference(ref_id: str | None, srcs: dict[str, str], layout: SweepLayout) -> dict[str, Any] | None:
-    """A metric's reference: another image of the sweep, an image file, or just its id."""
-    if not ref_id:
+    if not path:
         return None
-    if ref_id in srcs:
-        return {"label": f"image {ref_id}", "src": srcs[ref_id]}
-    candidate = stored_path(ref_id, layout)
-    if candidate.suffix.lower() in IMAGE_SUFFIXES and candidate.is_file():
-        return {"label": ref_id, "src": href(candidate, layout)}
-    return {"label": ref_id, "src": None}
-
-
-def metrics_by_image(data: SweepData, srcs: dict[str, str], layout: SweepLayout) -> dict[str, list[dict[str, Any]]]:
-    """Each image's metric values, formatted, with their reference resolved."""
-    grouped: dict[str, list[dict[str, Any]]] = {}
-    for row in data.metrics:
-        grouped.setdefault(row["image_id"], []).append({
-            "name": row["metric"],
-            "value": fmt(row["value"]),
-            "better": "higher is better" if row["higher_is_better"] else "lower is better",
-            "ref": reference(row["reference_id"], srcs, layout),
-        })
-    return grouped
+    folder, name = os.path.split(hrefs.stored(path))
+    return f"{hrefs.folder(folder)}/{quote(name)}"
 
 
 def run_label(run: dict[str, Any]) -> str:
@@ -122,7 +106,6 @@ def spec_facts(spec: dict[str, Any] | None) -> tuple[list[tuple[str, str]], list
 def summary(data: SweepData, layout: SweepLayout) -> dict[str, Any]:
     """Counts, provenance and the spec for the top of the report."""
     facts, versions = spec_facts(data.spec)
-    prompts = sorted({(row["prompt_index"], row["prompt"]) for row in data.images}, key=lambda p: (p[0] is None, p))
     report_facts = [
         ("sweep folder", str(layout.root)),
         ("report built", datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")),
@@ -134,24 +117,24 @@ def summary(data: SweepData, layout: SweepLayout) -> dict[str, Any]:
         "facts": facts,
         "versions": versions,
         "report_facts": report_facts,
-        "prompts": [(fmt(index), fmt(text)) for index, text in prompts],
-        "extra_loras": sweep_extra_loras(data.images),
+        "prompts": [(fmt(index), fmt(text)) for index, text in data.prompts],
+        "extra_loras": sweep_extra_loras(data.extra_loras),
         "spec_json": json.dumps(data.spec, indent=2, sort_keys=True, default=str) if data.spec else None,
     }
 
 
-def sweep_extra_loras(images: Sequence[dict[str, Any]]) -> list[dict[str, str]]:
+def sweep_extra_loras(texts: Sequence[tuple[str, int]]) -> list[dict[str, str]]:
     """Each distinct extra LoRA stacked on the sweep's images, once, with how many images carry it."""
     counts: dict[tuple[Any, ...], int] = {}
-    for row in images:
-        for lora in parse_extra_loras(row.get("extra_loras")):
+    for text, images in texts:
+        for lora in parse_extra_loras(text):
             key = (lora["name"], lora["weight"], lora["sha256"], lora["path"])
-            counts[key] = counts.get(key, 0) + 1
+            counts[key] = counts.get(key, 0) + images
     return [{"text": lora_text({"name": name, "weight": weight}), "sha256": str(sha256 or "")[:12],
              "path": fmt(path), "images": str(n)} for (name, weight, sha256, path), n in counts.items()]
 
 
-def best_rows(data: SweepData, layout: SweepLayout) -> list[dict[str, Any]]:
+def best_rows(data: SweepData, hrefs: Hrefs) -> list[dict[str, Any]]:
     """The best (run, checkpoint) per metric, with links to its LoRA files."""
     return [{
         "metric": row["metric"],
@@ -165,9 +148,9 @@ def best_rows(data: SweepData, layout: SweepLayout) -> list[dict[str, Any]]:
         "run_id": fmt(row["run_id"]),
         "checkpoint_id": fmt(row["checkpoint_id"]),
         "lora_path": row["lora_path"],
-        "lora_href": file_href(row["lora_path"], layout),
+        "lora_href": file_href(row["lora_path"], hrefs),
         "kohya_path": row["kohya_path"],
-        "kohya_href": file_href(row["kohya_path"], layout),
+        "kohya_href": file_href(row["kohya_path"], hrefs),
     } for row in data.best]
 
 
@@ -204,28 +187,52 @@ def failed_render_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     } for row in rows]
 
 
-def report_context(data: SweepData, layout: SweepLayout) -> dict[str, Any]:
-    """Everything index.html.j2 shows, already formatted: the template only loops."""
-    srcs = {row["image_id"]: image_href(row, layout) for row in data.images}
-    metrics = metrics_by_image(data, srcs, layout)
-    axes, payload = grid_payload(data.images, [srcs[row["image_id"]] for row in data.images],
-                                 lambda image_id: metrics.get(image_id, []))
-    runs = run_rows(data.runs, data.checkpoints)
-    title = str((data.spec or {}).get("name") or layout.root.name)
+def grid_data(con: duckdb.DuckDBPyConnection, axes: Sequence[Axis], writer: SliceWriter,
+              hrefs: Hrefs) -> dict[str, Any]:
+    """The grid's axes, defaults and slice list for report.js, writing the slices on the way."""
+    choices = grid_axes(axes)
+    if len(choices) < 2:
+        return {"axes": [], "constants": [], "defaults": {}, "grid": [], "details": []}
+    x, y = default_xy(choices)
+    # The default view (X and Y free, every other axis fixed) is one run of rows: X and Y innermost.
+    order = [a.name for a in choices if a.name not in (x, y)] + [y, x]
+    slices = write_slices(con, choices, order, writer, hrefs)
     return {
-        "title": title,
+        "axes": [{"name": a.name, "label": a.label, "values": a.labels, "titles": a.titles,
+                  "default": a.default if a.name in FIXED_BY_DEFAULT else None,
+                  "training": a.training} for a in choices],
+        "constants": [[a.name, a.label, a.constant()] for a in axes if a not in choices and a.constant() is not None],
+        "defaults": {"x": x, "y": y, "z": ""},
+        **slices,
+    }
+
+
+def report_context(con: duckdb.DuckDBPyConnection, layout: SweepLayout, writer: SliceWriter) -> dict[str, Any]:
+    """Everything index.html.j2 shows, already formatted: the template only loops."""
+    hrefs = Hrefs(layout)
+    data = load_summary(con, layout)
+    axes = load_axes(con)
+    grid = grid_data(con, axes, writer, hrefs)
+    choices = [a for a in axes if a.name in {g["name"] for g in grid["axes"]}]
+    metrics = list(data.higher_is_better)
+    create_metric_cells(con, choices)
+    grid["heat"] = {"metrics": [[m, data.higher_is_better[m]] for m in metrics],
+                    **heat_cells(con, choices, metrics)}
+    runs = run_rows(data.runs, data.checkpoints)
+    return {
+        "title": str((data.spec or {}).get("name") or layout.root.name),
         "summary": summary(data, layout),
-        "axes": axes,
-        "defaults": payload["defaults"],
-        "grid_json": Markup(script_json(payload)),  # already safe inside <script>: see script_json
-        "heatmaps": heatmaps(data.heatmap_cells, data.higher_is_better),
+        "grid": grid,
+        "grid_json": Markup(script_json(grid)),  # already safe inside <script>: see script_json
+        "effects": axis_effects(con, [a for a in choices if a.varies], metrics, data.higher_is_better),
         "loss_chart": loss_chart(data.losses, {r["run_id"]: run_label(r) for r in data.runs},
                                  validation=validation_series(data.checkpoints)),
         "runs_without_loss": [r["label"] for r in runs if r["run_id"] not in data.losses],
-        "best": best_rows(data, layout),
+        "best": best_rows(data, hrefs),
         "runs": runs,
         "failed_runs": [r for r in runs if r["failed"]],
         "failed_renders": failed_render_rows(data.failed_renders),
+        "ladder": ladder_section(con, {r["run_id"]: run_label(r) for r in data.runs}),  # None: a grid sweep
         # Bad dataset files left out with dataset.on_bad_file = "skip" (every run reads the same folder).
         "skipped_files": sorted({f for r in data.runs for f in (r.get("skipped_files") or [])}),
     }

@@ -1,4 +1,5 @@
-"""Chart geometry for the report: heatmap cell colours and loss-curve SVG coordinates.
+"""Chart geometry for the report: loss-curve SVG coordinates (heatmaps are drawn by report.js from
+`reports.aggregates`, since their axes are chosen in the page).
 
 The templates only loop over what these functions prepare; no maths in Jinja.
 """
@@ -10,8 +11,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-# Light (worse) to dark (better): a sequential blue ramp that stays readable in print.
-HEAT_STOPS = ((233, 242, 251), (198, 219, 239), (107, 174, 214), (33, 113, 181), (8, 48, 107))
 SERIES_COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd",
                  "#8c564b", "#e377c2", "#17becf", "#7f7f7f", "#bcbd22")
 MAX_POINTS = 600
@@ -26,70 +25,6 @@ def fmt(value: Any) -> str:
     if isinstance(value, float):
         return "NaN" if math.isnan(value) else f"{value:.4g}"
     return str(value)
-
-
-@dataclass(frozen=True)
-class HeatCell:
-    text: str
-    title: str
-    background: str
-    color: str
-    best: bool
-
-
-@dataclass(frozen=True)
-class Heatmap:
-    metric: str
-    base_model: str
-    direction: str
-    columns: list[str]
-    rows: list[tuple[str, list[HeatCell | None]]]
-    low: str
-    high: str
-
-
-def heat_color(t: float) -> tuple[str, str]:
-    """Background and text colour for a position t in [0, 1] on the ramp (1 = best)."""
-    t = min(max(t, 0.0), 1.0) * (len(HEAT_STOPS) - 1)
-    i = min(int(t), len(HEAT_STOPS) - 2)
-    a, b, f = HEAT_STOPS[i], HEAT_STOPS[i + 1], t - i
-    r, g, bl = (round(x + (y - x) * f) for x, y in zip(a, b))
-    luminance = 0.2126 * r + 0.7152 * g + 0.0722 * bl
-    return f"rgb({r}, {g}, {bl})", "#ffffff" if luminance < 140 else "#111111"
-
-
-def heatmap(metric: str, base_model: str, higher: bool, cells: Sequence[dict[str, Any]]) -> Heatmap:
-    """A rank x checkpoint-step table of mean values coloured from worst to best."""
-    ranks = sorted({c["rank"] for c in cells})
-    steps = sorted({c["checkpoint_step"] for c in cells})
-    means = {(c["rank"], c["checkpoint_step"]): c for c in cells}
-    values = [c["mean"] for c in cells]
-    low, high = min(values), max(values)
-    best = high if higher else low
-    rows = []
-    for rank in ranks:
-        row: list[HeatCell | None] = []
-        for step in steps:
-            cell = means.get((rank, step))
-            if cell is None:
-                row.append(None)
-                continue
-            t = 0.5 if high == low else (cell["mean"] - low) / (high - low)
-            background, color = heat_color(t if higher else 1.0 - t)
-            title = f"{metric} rank {rank} step {step}: mean {cell['mean']:.6g} over {cell['n']} images"
-            row.append(HeatCell(fmt(cell["mean"]), title, background, color, cell["mean"] == best))
-        rows.append((str(rank), row))
-    direction = "higher is better" if higher else "lower is better"
-    return Heatmap(metric, base_model, direction, [str(s) for s in steps], rows, fmt(low), fmt(high))
-
-
-def heatmaps(cells: Sequence[dict[str, Any]], higher_is_better: dict[str, bool]) -> list[Heatmap]:
-    """One heatmap per (metric, base model), in metric then base-model order."""
-    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
-    for cell in cells:
-        groups.setdefault((cell["metric"], cell["base_model"]), []).append(cell)
-    return [heatmap(metric, base, higher_is_better.get(metric, True), group)
-            for (metric, base), group in sorted(groups.items())]
 
 
 @dataclass(frozen=True)

@@ -19,16 +19,8 @@ from storage.schema import TABLES
 
 Row = dict[str, Any]
 
-RUN_COLUMNS = """run_id, base_model, rank, alpha, learning_rate, max_steps, batch_size, resolution,
-    seed, status, error, num_images, trainable_params, steps_per_s, peak_memory_mb, wall_time_s,
-    CAST(started_at AS VARCHAR) AS started_at, CAST(finished_at AS VARCHAR) AS finished_at, run_dir,
-    target_preset, target_modules, lora_dropout, lr_scheduler, lr_warmup_steps, lr_cycles,
-    gradient_accumulation_steps, effective_batch_size, min_snr_gamma, noise_offset, mixed_precision,
-    gradient_checkpointing, optimizer, train_text_encoder, text_encoder_lr, validation_images,
-    memory_preset_gib, buckets, bucket_step, encoding_cache, skipped_files, max_grad_norm, clip_skip"""
-
-IMAGE_ORDER = """base_model, rank NULLS FIRST, checkpoint_step NULLS FIRST, sampler, steps,
-    lora_weight, cfg_scale, prompt_index, seed, image_id"""
+# Every runs column, so options another stage adds reach the runs table's descriptions.
+RUN_COLUMNS = """* REPLACE (CAST(started_at AS VARCHAR) AS started_at, CAST(finished_at AS VARCHAR) AS finished_at)"""
 
 # Metric values joined to the image that produced them; NaN means "not computable", not a score.
 METRIC_JOIN = """image_metrics m JOIN images i USING (image_id)
@@ -49,10 +41,9 @@ class SweepData:
     counts: dict[str, int]
     runs: list[Row]
     checkpoints: list[Row]
-    images: list[Row]
-    metrics: list[Row]
+    prompts: list[tuple[Any, Any]]
+    extra_loras: list[tuple[str, int]]  # each distinct images.extra_loras text and how many images carry it
     losses: dict[str, list[tuple[int, float]]]
-    heatmap_cells: list[Row]
     best: list[Row]
     baseline_means: dict[str, float]
     higher_is_better: dict[str, bool]
@@ -66,6 +57,7 @@ def open_catalog(layout: SweepLayout) -> duckdb.DuckDBPyConnection:
     without one, every Parquet file under the sweep's tables/ folder is read.
     """
     con = duckdb.connect()
+    con.execute("SET enable_progress_bar = false")  # a long query must not print bars into the flow's logs
     manifest = Manifest.read(layout) if (layout.root / "manifest.json").exists() else None
     for table, schema in TABLES.items():
         if manifest is not None:
@@ -128,17 +120,6 @@ def load_losses(con: duckdb.DuckDBPyConnection) -> dict[str, list[tuple[int, flo
     return series
 
 
-def load_heatmap_cells(con: duckdb.DuckDBPyConnection) -> list[Row]:
-    """Mean of each metric per (base model, rank, checkpoint step) over all other axes."""
-    return fetch(
-        con,
-        f"""SELECT m.metric, i.base_model, i.rank, i.checkpoint_step,
-                avg(m.value) AS mean, count(*) AS n
-            FROM {METRIC_JOIN} AND i.rank IS NOT NULL AND i.checkpoint_step IS NOT NULL
-            GROUP BY ALL ORDER BY ALL""",
-    )
-
-
 def load_best(con: duckdb.DuckDBPyConnection) -> list[Row]:
     """For each metric, the (run, checkpoint) with the best mean value in the metric's direction."""
     return fetch(
@@ -182,24 +163,29 @@ def load_directions(con: duckdb.DuckDBPyConnection) -> dict[str, bool]:
 
 
 def load_sweep(root: Path) -> SweepData:
-    """Read every table of the sweep at `root` (and its spec.json when present)."""
+    """Read the sweep at `root` (and its spec.json when present): everything but the per-image rows."""
     layout = SweepLayout(Path(root).resolve())
     con = open_catalog(layout)
     try:
-        return SweepData(
-            spec=read_spec(layout),
-            counts=load_counts(con),
-            runs=fetch(con, f"SELECT {RUN_COLUMNS} FROM runs ORDER BY base_model, rank, learning_rate, run_id"),
-            checkpoints=fetch(con, "SELECT * FROM checkpoints ORDER BY run_id, step"),
-            images=fetch(con, f"SELECT * FROM images ORDER BY {IMAGE_ORDER}"),
-            metrics=fetch(con, "SELECT image_id, metric, value, higher_is_better, reference_id "
-                               "FROM image_metrics ORDER BY image_id, metric"),
-            losses=load_losses(con),
-            heatmap_cells=load_heatmap_cells(con),
-            best=load_best(con),
-            baseline_means=load_baseline_means(con),
-            higher_is_better=load_directions(con),
-            failed_renders=fetch(con, FAILED_RENDERS),
-        )
+        return load_summary(con, layout)
     finally:
         con.close()
+
+
+def load_summary(con: duckdb.DuckDBPyConnection, layout: SweepLayout) -> SweepData:
+    """The sweep's aggregates and small tables from an open catalog; image rows are streamed elsewhere."""
+    return SweepData(
+        spec=read_spec(layout),
+        counts=load_counts(con),
+        runs=fetch(con, f"SELECT {RUN_COLUMNS} FROM runs ORDER BY base_model, rank, learning_rate, run_id"),
+        checkpoints=fetch(con, "SELECT * FROM checkpoints ORDER BY run_id, step"),
+        prompts=con.execute("SELECT DISTINCT prompt_index, prompt FROM images "
+                            "ORDER BY prompt_index NULLS LAST, prompt").fetchall(),
+        extra_loras=con.execute("SELECT extra_loras, count(*) FROM images WHERE extra_loras IS NOT NULL "
+                                "GROUP BY 1 ORDER BY min(image_id)").fetchall(),
+        losses=load_losses(con),
+        best=load_best(con),
+        baseline_means=load_baseline_means(con),
+        higher_is_better=load_directions(con),
+        failed_renders=fetch(con, FAILED_RENDERS),
+    )

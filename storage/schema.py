@@ -57,6 +57,15 @@ RUNS = pa.schema(
         ("encoding_cache", pa.string()),  # "disk" | "memory" | "off": where VAE latents and text outputs were kept
         ("max_grad_norm", pa.float64()),  # NULL: no gradient clipping (or before it was recorded)
         ("clip_skip", pa.int32()),  # the text-encoder layer from the end that conditioned training; NULL: before
+        ("variant", pa.string()),  # the [[training.variants]] entry the run came from; NULL: none
+        ("dataset_name", pa.string()),  # the [[datasets]] entry it trained on; NULL: the one [dataset]
+        # Prior preservation (training.prior_preservation); all three NULL without it.
+        ("class_prompt", pa.string()),
+        ("num_class_images", pa.int32()),
+        ("prior_loss_weight", pa.float64()),
+        # The adapter type (training.network; tasks.lora.networks); NULL: before it was recorded (all were LoRA).
+        ("network", pa.string()),  # "lora" | "dora" | "loha" | "lokr"
+        ("network_args", pa.string()),  # the kohya file's ss_network_args JSON (LoKr factor, LoCon conv dim/alpha)
     ]
 )
 
@@ -82,6 +91,8 @@ LOSSES = pa.schema(
         ("loss", pa.float64()),
         ("learning_rate", pa.float64()),
         ("grad_norm", pa.float64()),  # LoRA gradients' total norm before clipping; NULL: before it was recorded
+        # The class images' loss (prior preservation; `loss` stays the instance images'); NULL without it.
+        ("prior_loss", pa.float64()),
     ]
 )
 
@@ -112,6 +123,10 @@ IMAGES = pa.schema(
         ("precision", pa.string()),  # "fp32" | "fp16" | "bf16" the image was rendered in; null: before it was recorded
         ("prompt_syntax", pa.string()),  # "a1111" | "plain": how the prompt conditioned the image; null: before
         ("prompt_tokens", pa.int32()),  # CLIP tokens of the prompt as A1111 counts them (75 per chunk); > 75 plain: cut
+        ("clip_skip", pa.int32()),  # A1111's Clip skip the prompt was encoded with (1: last layer); null: before
+        ("prompt_source", pa.string()),  # "spec" (render.prompts) | "caption" (render.caption_prompts); null: before
+        ("source_image", pa.string()),  # a caption prompt's training image (dataset image id); null for "spec"
+        ("held_out", pa.bool_()),  # a caption prompt's image was a held-out validation image; null for "spec"
     ]
 )
 
@@ -144,6 +159,24 @@ RENDERS = pa.schema(
     ]
 )
 
+# An adaptive sweep's ladder (`[search] strategy = "halving"`, flows/halving.py): one row per run per rung it
+# reached, with the metric it was compared on and the decision. One file per sweep; empty for a grid sweep.
+LADDER = pa.schema(
+    [
+        ("sweep_id", pa.string()),
+        ("run_id", pa.string()),
+        ("rung", pa.int32()),  # 1, 2, ...; the last is the final comparison at max_steps
+        ("step", pa.int32()),  # the checkpoint step compared: what the run had trained when decided
+        ("metric", pa.string()),
+        ("value", pa.float64()),  # mean over the checkpoint's LoRA images, or its validation loss; null: failed
+        ("higher_is_better", pa.bool_()),
+        ("place", pa.int32()),  # 1 = best at this rung; ties go to the smaller run id; null: failed
+        ("competitors", pa.int32()),  # runs compared at this rung
+        ("kept", pa.int32()),  # runs the rung promotes (at the final rung: 1, the best)
+        ("decision", pa.string()),  # "promoted" | "pruned" | "best" | "finished" | "failed"
+    ]
+)
+
 TABLES: dict[str, pa.Schema] = {
     "runs": RUNS,
     "checkpoints": CHECKPOINTS,
@@ -151,4 +184,5 @@ TABLES: dict[str, pa.Schema] = {
     "images": IMAGES,
     "image_metrics": IMAGE_METRICS,
     "renders": RENDERS,
+    "ladder": LADDER,
 }

@@ -19,20 +19,23 @@ from tasks.data.captions import captioner_problem
 from tasks.data.dataset import MIN_IMAGE_SIDE, DatasetError, dataset_fingerprint, dataset_summary, load_clip_tokenizer
 from tasks.data.demo_world import write_demo_dataset
 from tasks.data.sources import load_dataset
-from tasks.disk_space import MIN_FREE_BYTES, estimate_sweep_bytes, space_problems
+from tasks.disk_space import MIN_FREE_BYTES, estimate_sweep_bytes, plan_text, space_problems
 from tasks.lora.compatibility import lora_file_problems, lora_fit_problems
 from tasks.models.base_model import validate_base_model
 from tasks.models.memory import device_memory_bytes, render_weight_bytes, training_weight_bytes
 from tasks.models.tiny_sd15 import ensure_tiny_model, ensure_world_model
 from tasks.models.tiny_sdxl import ensure_tiny_sdxl
+from tasks.render.caption_prompts import resolve_caption_prompts
+from tasks.render.conditioning import clip_skip_problems
 from tasks.score.clip_metrics import clip_folder_problems
 from tasks.sweep.devices import cuda_device_count, resolve_precision, torch_device
 from tasks.sweep.ids import content_id
 from tasks.sweep.model_family import ModelFamily, model_family
-from tasks.sweep.plan import PreparedInputs, preset_settings, sweep_root, training_runs
+from tasks.sweep.plan import PreparedInputs, planned_runs, preset_settings, sweep_root
 from tasks.sweep.presets import memory_preset
 from tasks.sweep.prompt_syntax import CHUNK_TOKENS
-from tasks.sweep.spec import BUILTIN_PREFIX, SweepSpec
+from tasks.sweep.spec import BUILTIN_PREFIX, DatasetSpec, SweepSpec
+from tasks.train.class_images import class_images_root
 
 
 class InputError(ValueError):
@@ -72,10 +75,11 @@ def prepare_inputs(spec: SweepSpec) -> PreparedInputs:
 
 
 def remove_interrupted_writes(spec: SweepSpec, inputs: PreparedInputs) -> list[Path]:
-    """Remove the temporary files killed writers left in the sweep's folder, the builtin assets and the
-    encoding caches; a live writer's are kept (storage.cleanup)."""
-    runs = training_runs(spec, inputs.model_paths, inputs.dataset_path, inputs.dataset_fingerprint)
-    folders = {sweep_root(spec), builtin_dir(spec), *(Path(r.cache_dir) for r in runs if r.cache_dir)}
+    """Remove the temporary files killed writers left in the sweep's folder, the builtin assets, the
+    encoding caches and the class images (prior preservation); a live writer's are kept (storage.cleanup)."""
+    runs = planned_runs(spec, inputs)
+    folders = {sweep_root(spec), builtin_dir(spec), *(Path(r.cache_dir) for r in runs if r.cache_dir),
+               *(class_images_root(r) for r in runs if r.prior_preservation)}
     removed = remove_leftovers(sorted(folders))
     if removed:
         print(f"removed {len(removed)} temporary file(s) that interrupted writes had left behind")
@@ -97,11 +101,20 @@ def _prepare(spec: SweepSpec) -> PreparedInputs:
             model_dir, family = Path(model.config or path), model_family(path, model.config)
             found = _family_problems(spec, model_dir, family) or memory_problems(spec, model_dir, family)
         problems += [f"base_models[{index}] ({model.name}): {p}" for p in found]
-    dataset_path, fingerprint, count, found = _dataset(spec, training_resolution(spec, model_paths, problems))
-    problems += found
-    if not found and spec.training.validation_images >= count:
-        problems.append(f"training.validation_images = {spec.training.validation_images} leaves no training image "
-                        f"(the dataset has {count}); allowed: 0 to {count - 1}")
+    resolution = training_resolution(spec, model_paths, problems)
+    held_out = max(c.training.validation_images for c in spec.training_configs())
+    prepared_datasets = {}
+    for name, ds in spec.dataset_specs():
+        field = "dataset" if name is None else f"datasets ({name})"
+        dataset_path, fingerprint, count, found = _dataset(spec, ds, resolution, field)
+        problems += found
+        prepared_datasets[name] = (dataset_path, fingerprint, count)
+        if not found and held_out >= count:
+            which = "the dataset" if name is None else f"dataset variant {name!r}"
+            problems.append(f"training.validation_images = {held_out} leaves no training image "
+                            f"({which} has {count}); allowed: 0 to {count - 1}")
+    # with named variants, the base dataset is the first variant's (the no-LoRA baselines are scored against it)
+    dataset_path, fingerprint, count = prepared_datasets.pop(None, None) or next(iter(prepared_datasets.values()))
     if spec.metrics.clip_model:
         problems += [f"metrics.clip_model: {p}" for p in clip_folder_problems(Path(spec.metrics.clip_model))]
     if spec.render.precision == "fp16" and spec.execution.runner == "threads":  # renders run in this process
@@ -114,12 +127,20 @@ def _prepare(spec: SweepSpec) -> PreparedInputs:
         problems += [f"render.extra_loras[{index}] ({extra.name}): {p}" for p in found]
         if not found:
             problems += _lora_fit(spec, index, model_paths)
+    problems += clip_skip_problems(spec, model_paths)
     if problems:
         raise InputError(problems)
-    prepared = PreparedInputs(model_paths, dataset_path, fingerprint, count)
+    try:
+        captions = resolve_caption_prompts(spec, dataset_path, resolution)
+    except ValueError as err:  # every other input is good: this is the one problem left
+        raise InputError([str(err)]) from err
+    prepared = PreparedInputs(model_paths, dataset_path, fingerprint, count,
+                              {name: (path, fp) for name, (path, fp, _) in prepared_datasets.items()},
+                              caption_prompts=captions)
+    estimate = estimate_sweep_bytes(spec, prepared)
+    print(plan_text(spec, estimate))  # before any work: what the spec will produce
     free = free_bytes(Path(spec.output_dir))
-    if free is not None and (problems := space_problems(Path(spec.output_dir), estimate_sweep_bytes(spec, prepared),
-                                                         free)):
+    if free is not None and (problems := space_problems(Path(spec.output_dir), estimate, free)):
         raise InputError(problems)
     warn_long_prompts(spec)
     return prepared
@@ -163,8 +184,8 @@ def _model_path(spec: SweepSpec, path: str, config: str | None) -> tuple[str, li
 def _family_problems(spec: SweepSpec, model_dir: Path, family: ModelFamily) -> list[str]:
     """Training options the model cannot use: a memory preset below its family's smallest tier, a LoRA
     rank wider than every layer it adapts (a rank wider than some of them is only warned about)."""
-    gib = spec.training.memory_preset_gib
-    if gib is not None:
+    trainings = [c.training for c in spec.training_configs()]
+    for gib in sorted({t.memory_preset_gib for t in trainings if t.memory_preset_gib is not None}):
         try:
             memory_preset(gib, family)
         except ValueError as err:
@@ -173,7 +194,7 @@ def _family_problems(spec: SweepSpec, model_dir: Path, family: ModelFamily) -> l
     if not widths:
         return []
     problems = []
-    for rank in preset_settings(spec.training, family)[1]["ranks"]:
+    for rank in sorted({rank for t in trainings for rank in preset_settings(t, family)[1]["ranks"]}):
         if rank > max(widths):
             problems.append(f"training.ranks: rank {rank} is wider than every layer it adapts (the UNet's widths are "
                             f"{', '.join(map(str, widths))}); allowed: up to {max(widths)}")
@@ -192,7 +213,8 @@ def memory_problems(spec: SweepSpec, model_dir: Path, family: ModelFamily) -> li
     available = device_memory_bytes(device)
     problems = []
     if not spec.execution.train_deployment:
-        precision = preset_settings(spec.training, family)[1]["mixed_precision"]
+        precisions = {preset_settings(c.training, family)[1]["mixed_precision"] for c in spec.training_configs()}
+        precision = max(precisions, key=lambda p: p == "no")  # fp32 weights, when any configuration asks for them
         need = training_weight_bytes(model_dir, precision)
         if need > available:
             problems.append(f"training.mixed_precision = {precision!r}: the frozen weights alone take "
@@ -223,28 +245,30 @@ def unet_widths(model_dir: Path) -> list[int]:
 def training_resolution(spec: SweepSpec, model_paths: dict[str, str], problems: list[str]) -> int:
     """The largest resolution any run trains at (a memory preset picks it per base model family), so
     the demo dataset is generated at it and the summary buckets for it."""
-    if spec.training.memory_preset_gib is None or problems:
-        return spec.training.resolution
-    return max(preset_settings(spec.training, model_family(model_paths[m.name], m.config))[1]["resolution"]
+    trainings = [c.training for c in spec.training_configs()]
+    if all(t.memory_preset_gib is None for t in trainings) or problems:
+        return max(t.resolution for t in trainings)
+    return max(preset_settings(t, model_family(model_paths[m.name], m.config))[1]["resolution"] for t in trainings
                for m in spec.base_models)
 
 
-def _dataset(spec: SweepSpec, resolution: int) -> tuple[str, str, int, list[str]]:
-    """Scan the dataset by its source, check the captioner folder, and print the dataset summary."""
-    ds = spec.dataset
+def _dataset(spec: SweepSpec, ds: DatasetSpec, resolution: int, field: str = "dataset",
+             ) -> tuple[str, str, int, list[str]]:
+    """Scan a dataset (the base one or a named variant) by its source, check the captioner folder, and
+    print the dataset summary."""
     path = ds.path
     if path.startswith(BUILTIN_PREFIX):
         folder = builtin_dir(spec) / f"{path[len(BUILTIN_PREFIX):]}-{ds.trigger_word}-{resolution}"
         try:
             path = str(write_demo_dataset(folder, trigger=ds.trigger_word, size=resolution))
         except (ValueError, FileExistsError) as err:
-            return path, "", 0, [f"dataset.path {path!r} at training.resolution {resolution}: {err}"]
+            return path, "", 0, [f"{field}: path {path!r} at training.resolution {resolution}: {err}"]
     problem = captioner_problem(ds.captioner) if ds.captioner else None
     try:
         # Captions a captioner will write are not known yet: the fingerprint covers the captioner name instead.
         loaded = load_dataset(ds, Path(path), min_size=min(MIN_IMAGE_SIDE, resolution))
     except DatasetError as err:
-        return path, "", 0, [f"dataset: {p}" for p in err.problems] + ([problem] if problem else [])
+        return path, "", 0, [f"{field}: {p}" for p in err.problems] + ([problem] if problem else [])
     if problem:
         return path, "", 0, [problem]
     items = loaded.items

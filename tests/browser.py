@@ -74,10 +74,10 @@ class CDPSession:
             if "method" in message:
                 self.events.append(message)
 
-    def evaluate(self, expression: str, await_promise: bool = False) -> Any:
+    def evaluate(self, expression: str, await_promise: bool = False, timeout: float = 15) -> Any:
         """Evaluate JS in the page and return its JSON value; a thrown exception raises."""
         result = self.send("Runtime.evaluate", {"expression": expression, "returnByValue": True,
-                                                "awaitPromise": await_promise})
+                                                "awaitPromise": await_promise}, timeout=timeout)
         if "exceptionDetails" in result:
             raise RuntimeError(f"JS error in {expression[:80]!r}: {result['exceptionDetails']}")
         return result["result"].get("value")
@@ -212,3 +212,38 @@ def screenshot_dirs(tmp_path: Path) -> list[Path]:
     """tmp_path, plus $LORA_SWEEP_SCREENSHOT_DIR when set."""
     extra = os.environ.get("LORA_SWEEP_SCREENSHOT_DIR")
     return [tmp_path] + ([Path(extra)] if extra else [])
+
+
+def wait_for(page: CDPSession, condition: str, timeout: float = 30) -> bool:
+    """Poll a JS boolean expression in the page until it is true; False when `timeout` s pass first."""
+    return bool(page.evaluate(
+        f"new Promise(done => {{ const end = Date.now() + {int(timeout * 1000)}; const poll = () => "
+        f"{{ let ok = false; try {{ ok = !!({condition}); }} catch (e) {{}} "
+        f"if (ok || Date.now() > end) {{ done(ok); }} else {{ setTimeout(poll, 20); }} }}; poll(); }})",
+        await_promise=True, timeout=timeout + 5))
+
+
+GRID_READY = "document.getElementById('grids') && document.getElementById('grids').dataset.state === 'ready'"
+
+
+def wait_grid(page: CDPSession, timeout: float = 30) -> None:
+    """Wait until the report's image grid has read its data files and drawn, and its images have settled."""
+    assert wait_for(page, GRID_READY, timeout), "the report's grid did not become ready"
+    broken_images(page)
+
+
+def page_session(width: int = 1400, height: int = 1000):
+    """A headless Chromium page for a pytest fixture (`yield from page_session()`); skips, printing why,
+    when Chromium is missing or cannot start."""
+    import pytest
+
+    try:
+        browser = Chromium(width=width, height=height)
+        session = browser.start()
+    except BrowserUnavailable as error:
+        print(f"browser test skipped: {error}")
+        pytest.skip(str(error))
+    try:
+        yield session
+    finally:
+        browser.stop()

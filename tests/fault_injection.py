@@ -68,3 +68,21 @@ def kill_mid_write(script: str, *args: str) -> None:
     finally:
         child.send_signal(signal.SIGKILL)
         child.wait()
+
+
+def assert_resumes_bit_identically(train, run, layout, step: int, losses: list[dict]) -> None:
+    """Delete the run's last checkpoint (as a kill after the one before would leave it), train again, and
+    require the same losses rows and bit-identical kohya tensors at `step`."""
+    import shutil
+
+    import pyarrow.parquet as pq
+    import torch
+    from safetensors.torch import load_file
+
+    folder = layout.checkpoint_dir(run.run_id, step)
+    final = load_file(folder / f"{run.run_id}-s{step}.safetensors")
+    shutil.rmtree(folder)
+    train(run)
+    assert pq.read_table(layout.table_file("losses", run.run_id)).to_pylist() == losses
+    resumed = load_file(folder / f"{run.run_id}-s{step}.safetensors")
+    assert final.keys() == resumed.keys() and all(torch.equal(final[k], resumed[k]) for k in final)

@@ -13,9 +13,10 @@ from pathlib import Path
 import pytest
 
 from tasks.preflight import prepare_inputs
+from tasks.sweep.cells import grid_cells, image_id
 from tasks.sweep.ids import checkpoint_id
 from tasks.sweep.load import load_spec
-from tasks.sweep.plan import CheckpointRef, grid_cells, image_id, render_jobs, training_runs
+from tasks.sweep.plan import CheckpointRef, render_jobs, training_runs
 
 REPO = Path(__file__).resolve().parent.parent
 CODE = [p for folder in ("tasks", "flows", "storage", "reports", "bench") for p in (REPO / folder).rglob("*.py")]

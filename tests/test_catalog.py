@@ -42,7 +42,8 @@ def image_rows(render_id: str) -> list[dict[str, object]]:
               "checkpoint_id": None, "rank": None, "checkpoint_step": None, "sampler": "Euler", "steps": 10,
               "lora_weight": 0.0, "cfg_scale": 7.0, "prompt_index": 0, "prompt": "p", "negative_prompt": "",
               "seed": 0, "width": 64, "height": 64, "path": "/x.png", "render_s": 0.1, "extra_loras": None,
-              "precision": "fp32", "prompt_syntax": "a1111", "prompt_tokens": 1}
+              "precision": "fp32", "prompt_syntax": "a1111", "prompt_tokens": 1, "clip_skip": 1,
+              "prompt_source": "spec", "source_image": None, "held_out": None}
     assert set(values) | {"image_id"} == set(IMAGES.names)
     return [{**values, "image_id": f"{render_id}-{i}"} for i in range(ROWS_PER_FILE)]
 
@@ -184,7 +185,8 @@ def test_images_written_before_the_extra_loras_column_read_it_as_null(tmp_path: 
 
     layout = SweepLayout(tmp_path / "sweep")
     write_render(layout, "new")
-    later = ("extra_loras", "precision", "prompt_syntax", "prompt_tokens")  # an old file has none of these
+    later = ("extra_loras", "precision", "prompt_syntax", "prompt_tokens", "clip_skip", "prompt_source",
+             "source_image", "held_out")  # an old file has none of these
     old_rows = [{k: v for k, v in row.items() if k not in later} for row in image_rows("old")]
     path = layout.table_file("images", "old")
     old_schema = pa.schema([field for field in IMAGES if field.name not in later])
@@ -221,7 +223,8 @@ def test_runs_written_before_the_training_option_columns_still_read(tmp_path: Pa
            "gradient_checkpointing": True, "optimizer": "adamw", "train_text_encoder": False,
            "text_encoder_lr": None, "validation_images": 1, "memory_preset_gib": 12.0, "buckets": True,
            "bucket_step": 64, "encoding_cache": "disk", "skipped_files": None, "max_grad_norm": None,
-           "clip_skip": 1}
+           "clip_skip": 1, "variant": None, "dataset_name": None, "class_prompt": None, "num_class_images": None,
+           "prior_loss_weight": None, "network": "lora", "network_args": "{}"}
     write_rows("runs", [new], layout.table_file("runs", "new"))
     build_catalog(layout, Manifest("sweep", run_ids=("old",), render_ids=()))
     with connect(layout) as con:  # only the old file: every option column exists, NULL

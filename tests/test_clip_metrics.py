@@ -164,7 +164,8 @@ def test_score_task_adds_clip_rows_for_every_image(clip_dir: Path, tmp_path: Pat
                      "lora_weight": 0.0, "cfg_scale": 7.0, "prompt_index": 0, "prompt": "a photo of zqx",
                      "negative_prompt": "", "seed": seed, "width": 64, "height": 64, "path": str(path),
                      "render_s": 0.1, "extra_loras": None, "precision": "fp32",
-                     "prompt_syntax": "a1111", "prompt_tokens": 4})
+                     "prompt_syntax": "a1111", "prompt_tokens": 4, "clip_skip": 1, "prompt_source": "spec",
+                     "source_image": None, "held_out": None})
     write_rows("images", rows, layout.table_file("images", "r1"))
     import pyarrow.parquet as pq
 

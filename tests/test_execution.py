@@ -158,7 +158,8 @@ def test_two_concurrent_renderers_of_one_job_render_each_image_once(tmp_path: Pa
     import tasks.render.job as render_module
     from storage.layout import SweepLayout
     from tasks.preflight import prepare_inputs
-    from tasks.sweep.plan import grid_cells, image_id, render_jobs
+    from tasks.sweep.cells import grid_cells, image_id
+    from tasks.sweep.plan import render_jobs
 
     data = small_sweep_data(tmp_path / "out")
     data["render"].update(samplers=["Euler a"], steps=[2])

@@ -25,9 +25,10 @@ from tasks.models.base_model import load_pipeline
 from tasks.preflight import InputError, prepare_inputs
 from tasks.render.job import render_job
 from tasks.render.png_metadata import parse_image_parameters, read_png_parameters
+from tasks.sweep.cells import grid_cells, image_id
 from tasks.sweep.ids import checkpoint_id
 from tasks.sweep.load import SpecError, load_spec, parse_spec
-from tasks.sweep.plan import CheckpointRef, grid_cells, image_id, render_jobs, training_runs
+from tasks.sweep.plan import CheckpointRef, render_jobs, training_runs
 from tasks.sweep.presets import TEXT_ENCODER_TARGETS
 from tests.conftest import small_sweep_data, write_spec
 

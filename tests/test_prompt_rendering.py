@@ -13,8 +13,9 @@ from PIL import Image
 from tasks.preflight import prepare_inputs
 from tasks.render.job import render_job
 from tasks.render.png_metadata import parse_parameters, read_png_parameters
+from tasks.sweep.cells import grid_cells, image_id
 from tasks.sweep.load import SpecError, parse_spec
-from tasks.sweep.plan import grid_cells, image_id, render_jobs, training_runs
+from tasks.sweep.plan import render_jobs, training_runs
 from tests.conftest import small_sweep_data
 
 WORDS = ("red circle blue square green triangle yellow star on a grey field, soft light, "

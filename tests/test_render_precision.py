@@ -17,9 +17,10 @@ from tasks.lora.files import DIFFUSERS_FILE
 from tasks.models.base_model import load_pipeline
 from tasks.preflight import InputError, prepare_inputs
 from tasks.render.job import render_job
+from tasks.sweep.cells import grid_cells, image_id
 from tasks.sweep.devices import resolve_precision
 from tasks.sweep.load import SpecError, parse_spec
-from tasks.sweep.plan import grid_cells, image_id, render_jobs, training_runs
+from tasks.sweep.plan import render_jobs, training_runs
 from tasks.train.run import train_lora
 from tests.conftest import small_sweep_data
 

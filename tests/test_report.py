@@ -20,7 +20,16 @@ from reports.build_report import build_report
 from reports.report_data import load_sweep
 from storage.layout import SweepLayout
 from storage.parquet_io import write_rows
-from tests.browser import BrowserUnavailable, CDPSession, Chromium, broken_images, open_file, screenshot_dirs
+from storage.schema import IMAGES, RUNS
+from tests.browser import (
+    CDPSession,
+    broken_images,
+    open_file,
+    page_session,
+    screenshot_dirs,
+    wait_for,
+    wait_grid,
+)
 
 SWEEP_ID = "sweep-0001"
 BASE = "tiny-sd15"
@@ -46,7 +55,8 @@ def save_png(path: Path, color: tuple[int, int, int], mark: int) -> None:
 
 
 def run_row(run_id: str, rank: int, status: str, error: str | None, layout: SweepLayout) -> dict[str, Any]:
-    return {
+    """A runs row; a column another stage adds to the schema reads as NULL (not recorded), as in old files."""
+    return {name: None for name in RUNS.names} | {
         "sweep_id": SWEEP_ID, "run_id": run_id, "base_model": BASE, "base_model_path": "/models/tiny",
         "rank": rank, "alpha": rank / 2, "learning_rate": 1e-4, "max_steps": max(STEPS), "batch_size": 1,
         "resolution": 32, "seed": 0, "status": status, "error": error, "num_images": 4,
@@ -57,7 +67,8 @@ def run_row(run_id: str, rank: int, status: str, error: str | None, layout: Swee
         "effective_batch_size": 1, "min_snr_gamma": None, "noise_offset": 0.0, "mixed_precision": "no",
         "gradient_checkpointing": False, "optimizer": "adamw", "train_text_encoder": False, "text_encoder_lr": None,
         "validation_images": 0, "memory_preset_gib": None, "buckets": False, "bucket_step": None,
-        "encoding_cache": "disk", "skipped_files": None, "max_grad_norm": None, "clip_skip": 1,
+        "encoding_cache": "disk", "skipped_files": None, "max_grad_norm": None, "clip_skip": 1, "variant": None, "dataset_name": None,
+        "class_prompt": None, "num_class_images": None, "prior_loss_weight": None,
     }
 
 
@@ -69,7 +80,7 @@ def image_row(layout: SweepLayout, n: int, render_id: str, run_id: str | None, r
     relative = Path("images") / render_id / f"{image_id}.png"
     color = ((rank or 0) * 25 % 256, (step or 0) * 2 % 256, 60 + 120 * SAMPLERS.index(sampler) + 30 * seed)
     save_png(layout.root / relative, color, int(weight * 2) + prompt_index)
-    return {
+    return {name: None for name in IMAGES.names} | {
         "sweep_id": SWEEP_ID, "image_id": image_id, "render_id": render_id, "base_model": BASE,
         "run_id": run_id, "checkpoint_id": f"{run_id}-{step}" if run_id else None, "rank": rank,
         "checkpoint_step": step, "sampler": sampler, "steps": 20, "lora_weight": weight if run_id else 0.0,
@@ -77,6 +88,7 @@ def image_row(layout: SweepLayout, n: int, render_id: str, run_id: str | None, r
         "negative_prompt": "", "seed": seed, "width": 32, "height": 32,
         "path": str(relative if n % 2 == 0 else layout.root / relative), "render_s": 0.27,
         "extra_loras": EXTRA_LORAS, "precision": "fp32", "prompt_syntax": "a1111", "prompt_tokens": 5,
+        "clip_skip": 1, "prompt_source": "spec", "source_image": None, "held_out": None,
     }
 
 
@@ -133,7 +145,7 @@ def make_fake_sweep(root: Path) -> SweepLayout:
     for rank in RANKS:
         losses += [{"sweep_id": SWEEP_ID, "run_id": f"run-r{rank}", "step": s,
                     "loss": 0.3 * 0.98**s + 0.05 * ((s * 7919 + rank) % 11) / 11 + 0.01 * rank,
-                    "learning_rate": 1e-4, "grad_norm": 0.5} for s in range(1, max(STEPS) + 1)]
+                    "learning_rate": 1e-4, "grad_norm": 0.5, "prior_loss": None} for s in range(1, max(STEPS) + 1)]
     write_rows("checkpoints", checkpoints, layout.table_file("checkpoints", "all"))
     write_rows("losses", losses, layout.table_file("losses", "all"))
     images = write_images(layout)
@@ -153,10 +165,31 @@ def sweep(tmp_path: Path) -> SweepLayout:
 
 
 def grid_data(index_html: str) -> dict[str, Any]:
-    """The JSON blob report.js reads."""
+    """The JSON blob report.js reads first: axes, slice list, heatmap means."""
     match = re.search(r'<script type="application/json" id="report-data">(.*?)</script>', index_html, re.S)
     assert match, "report-data script missing"
     return json.loads(match.group(1))
+
+
+def slice_payload(index: Path, file: str) -> Any:
+    """The payload of one data/*.js slice file: `loraSweepSlice(kind, number, payload);`."""
+    text = (index.parent / file).read_text(encoding="utf-8")
+    assert text.startswith("loraSweepSlice(") and text.endswith(");\n"), file
+    return json.loads("[" + text[len("loraSweepSlice("):-3] + "]")[2]
+
+
+def report_images(index: Path) -> list[dict[str, Any]]:
+    """Every image the report's slices hold, in slice order: src, axis value indexes, details, metrics."""
+    data = grid_data(index.read_text(encoding="utf-8"))
+    images = []
+    for entry in data["grid"]:
+        payload = slice_payload(index, entry["file"])
+        images += [{"src": payload["folders"][row[0]] + "/" + row[1], "ax": row[2:]} for row in payload["rows"]]
+    details = [row for file in data["details"] for row in slice_payload(index, file)]
+    assert len(details) == len(images)
+    for image, (extra, metrics) in zip(images, details):
+        image.update(extra=extra, metrics=metrics)
+    return images
 
 
 def test_prompt_and_error_are_escaped(sweep: SweepLayout) -> None:
@@ -166,6 +199,7 @@ def test_prompt_and_error_are_escaped(sweep: SweepLayout) -> None:
     assert "&lt;b&gt;not bold&lt;/b&gt;" in text
     blob = re.search(r'id="report-data">(.*?)</script>', text, re.S).group(1)
     assert "</" not in blob and "<" not in blob
+    assert all("<" not in f.read_text(encoding="utf-8") for f in (sweep.report_dir / "data").iterdir())
     prompt_axis = next(axis for axis in grid_data(text)["axes"] if axis["name"] == "prompt")
     assert XSS in prompt_axis["titles"]
 
@@ -173,17 +207,17 @@ def test_prompt_and_error_are_escaped(sweep: SweepLayout) -> None:
 def test_every_referenced_file_exists(sweep: SweepLayout) -> None:
     index = build_report(sweep.root)
     text = index.read_text(encoding="utf-8")
-    data = grid_data(text)
-    assert len(data["images"]) == 8 + 2 * 2 * 2 * 2 * 2 * 2
-    srcs = {image["src"] for image in data["images"]}
-    srcs |= {m["ref"]["src"] for image in data["images"] for m in image["metrics"] if m["ref"] and m["ref"]["src"]}
+    images = report_images(index)
+    assert len(images) == 8 + 2 * 2 * 2 * 2 * 2 * 2
+    srcs = {image["src"] for image in images}
+    srcs |= {m["ref"]["src"] for image in images for m in image["metrics"] if m["ref"] and m["ref"]["src"]}
     links = set(re.findall(r'(?:src|href)="([^"#:]+)"', text))
     assert "report.js" in links and "report.css" in links
     assert any(link.endswith("pytorch_lora_weights.safetensors") for link in links)
     for link in srcs | links:
         assert not Path(link).is_absolute(), link
         assert (index.parent / unquote(html.unescape(link))).is_file(), link
-    assert all(src.startswith("../images/") for src in {i["src"] for i in data["images"]})
+    assert all(src.startswith("../images/") for src in {i["src"] for i in images})
 
 
 def test_summary_failures_and_best(sweep: SweepLayout) -> None:
@@ -242,8 +276,6 @@ def test_runs_table_shows_options_that_differ_from_the_defaults(tmp_path: Path) 
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from storage.schema import RUNS
-
     layout = SweepLayout(tmp_path / "sweep")
     old = {k: v for k, v in run_row("run-old", 4, "completed", None, layout).items()
            if RUNS.get_field_index(k) <= RUNS.get_field_index("run_dir")}  # the runs schema before the options
@@ -256,7 +288,8 @@ def test_runs_table_shows_options_that_differ_from_the_defaults(tmp_path: Path) 
              "effective_batch_size": 4, "min_snr_gamma": 5.0, "noise_offset": 0.05, "mixed_precision": "bf16",
              "gradient_checkpointing": True, "optimizer": "adamw8bit", "train_text_encoder": True,
              "text_encoder_lr": 5e-5, "validation_images": 2, "memory_preset_gib": 12.0, "buckets": True,
-             "bucket_step": 64, "encoding_cache": "off", "max_grad_norm": 1.0, "clip_skip": 2}
+             "bucket_step": 64, "encoding_cache": "off", "max_grad_norm": 1.0, "clip_skip": 2, "variant": None,
+             "dataset_name": None}
     own = {**run_row("run-own", 16, "completed", None, layout), "target_preset": None,
            "target_modules": ["to_q", "conv1"], "lr_scheduler": "cosine_with_restarts", "lr_cycles": 3,
            "encoding_cache": "memory"}
@@ -281,55 +314,56 @@ def test_extra_loras_are_listed_once_and_shown_with_each_image(sweep: SweepLayou
     assert [re.findall(r"<td>(.*?)</td>", row) for row in re.findall(r"<tr>(.*?)</tr>", table, re.S)[1:]] == [
         ["style 0.7", "<code>" + "ab12" * 3 + "</code>", "72", "/loras/style.safetensors"],
         ["grain 0.5", "<code>" + "cd34" * 3 + "</code>", "72", "/loras/grain.safetensors"]]
-    images = grid_data(text)["images"]
+    images = report_images(sweep.report_dir / "index.html")
     assert all(dict(image["extra"])["extra_loras"] == "+ style 0.7, grain 0.5" for image in images)
     plain = SweepLayout(tmp_path / "plain")
     rows = [{**image_row(plain, 0, "render-base", None, None, None, ("euler", 0.0, 1, 0)), "extra_loras": None}]
     write_rows("images", rows, plain.table_file("images", "render-base"))
     text = build_report(plain.root).read_text(encoding="utf-8")
-    assert "extra-loras" not in text and "extra_loras" not in dict(grid_data(text)["images"][0]["extra"])
+    plain_image = report_images(plain.report_dir / "index.html")[0]
+    assert "extra-loras" not in text and "extra_loras" not in dict(plain_image["extra"])
 
 
 def test_cli_rebuilds_report(sweep: SweepLayout, capsys: pytest.CaptureFixture[str]) -> None:
     assert reports_main([str(sweep.root)]) == 0
     assert Path(capsys.readouterr().out.strip()) == sweep.report_dir / "index.html"
-    assert sorted(p.name for p in sweep.report_dir.iterdir()) == ["index.html", "report.css", "report.js"]
+    assert sorted(p.name for p in sweep.report_dir.iterdir()) == ["data", "index.html", "report.css", "report.js"]
 
 
 HEADERS_JS = "Array.from(document.querySelectorAll('#grids thead th.col')).map(t => t.textContent)"
 SET_AXIS_JS = """(() => { const s = document.getElementById('axis-%s'); s.value = '%s';
   s.dispatchEvent(new Event('change', {bubbles: true})); return s.value; })()"""
 GRID_TITLES_JS = "Array.from(document.querySelectorAll('#grids .z-title')).map(t => t.textContent)"
+VIEWER_READY = "document.getElementById('viewer').dataset.state === 'ready'"
+
+
+def set_axis(page: CDPSession, role: str, name: str) -> str:
+    """Choose an axis for X, Y or Z as a user would, wait for the grid to redraw, return the select's value."""
+    value = page.evaluate(SET_AXIS_JS % (role, name))
+    wait_grid(page)
+    return value
 
 
 @pytest.fixture()
 def page() -> Iterator[CDPSession]:
     """A headless Chromium page; skips (printing why) when Chromium is missing or cannot start."""
-    try:
-        browser = Chromium(width=1400, height=1000)
-        session = browser.start()
-    except BrowserUnavailable as error:
-        print(f"browser test skipped: {error}")
-        pytest.skip(str(error))
-    try:
-        yield session
-    finally:
-        browser.stop()
+    yield from page_session()
 
 
 @pytest.mark.timeout(60)
 def test_report_in_headless_chromium(sweep: SweepLayout, page: CDPSession, tmp_path: Path) -> None:
     index = build_report(sweep.root)
     open_file(page, index)
+    wait_grid(page)
     assert page.evaluate("document.images.length") == 4  # 2 ranks x 2 checkpoint steps
     assert broken_images(page) == []
     assert page.evaluate(HEADERS_JS) == ["50", "100"]  # default X: checkpoint step
-    assert page.evaluate(SET_AXIS_JS % ("x", "sampler")) == "sampler"
+    assert set_axis(page, "x", "sampler") == "sampler"
     assert page.evaluate(HEADERS_JS) == sorted(SAMPLERS)
-    assert page.evaluate(SET_AXIS_JS % ("z", "seed")) == "seed"
+    assert set_axis(page, "z", "seed") == "seed"
     assert page.evaluate(GRID_TITLES_JS) == ["seed = 1", "seed = 2"]
-    assert page.evaluate(SET_AXIS_JS % ("z", "")) == ""
-    assert page.evaluate(SET_AXIS_JS % ("x", "prompt")) == "prompt"
+    assert set_axis(page, "z", "") == ""
+    assert set_axis(page, "x", "prompt") == "prompt"
     assert XSS in page.evaluate(HEADERS_JS)  # shown as text, never run
     assert broken_images(page) == []
     assert page.evaluate("document.body.innerText.includes('CUDA out of memory')")
@@ -337,13 +371,14 @@ def test_report_in_headless_chromium(sweep: SweepLayout, page: CDPSession, tmp_p
         page.screenshot(folder / "report.png")
     page.evaluate("document.querySelector('#grids a.thumb').click()")
     assert page.evaluate("document.getElementById('viewer').open")
+    assert wait_for(page, VIEWER_READY)  # its metrics come from a detail file read on demand
     assert page.evaluate("document.getElementById('viewer-title').textContent").endswith(" · + style 0.7, grain 0.5")
     assert "train_l2" in page.evaluate("document.getElementById('viewer-metrics').innerText")
     assert broken_images(page) == []  # the viewer's image and the metrics' reference images
     for folder in screenshot_dirs(tmp_path):
         page.screenshot(folder / "report-viewer.png", full_page=False)
     page.evaluate("document.getElementById('viewer-close').click()")
-    assert page.evaluate(SET_AXIS_JS % ("x", "rank")) == "rank"  # Y had rank: it takes X's old axis
+    assert set_axis(page, "x", "rank") == "rank"  # Y had rank: it takes X's old axis
     assert page.evaluate("document.getElementById('axis-y').value") == "prompt"
     empty_root = tmp_path / "empty-sweep"
     empty_root.mkdir()
@@ -364,3 +399,44 @@ def test_skipped_dataset_files_are_listed_once(tmp_path: Path) -> None:
     section = re.search(r'<h3 id="skipped">(.*?)</ul>', text, re.S).group(1)
     assert "Dataset files left out (2)" in section
     assert re.findall(r"<li><code>(.*?)</code></li>", section) == skipped
+
+
+def two_learning_rates(layout: SweepLayout) -> None:
+    """Rewrite the fake sweep's runs: rank 8 trained at 5e-5 as variant "slow" on dataset "set-b"."""
+    rows = [run_row(f"run-r{r}", r, "completed", None, layout) for r in RANKS]
+    rows[1].update(learning_rate=5e-5, variant="slow", dataset_name="set-b")
+    rows[0].update(variant="fast", dataset_name="set-a")
+    write_rows("runs", rows, layout.table_file("runs", "all"))
+
+
+HEAT_JS = """(() => { const s = document.getElementById('heat-%s'); s.value = '%s';
+  s.dispatchEvent(new Event('change', {bubbles: true}));
+  return Array.from(document.querySelectorAll('#heatmaps-out figure')).map(f => f.dataset.metric); })()"""
+
+
+@pytest.mark.timeout(60)
+def test_training_axes_are_grid_heatmap_and_effect_choices(sweep: SweepLayout, page: CDPSession) -> None:
+    two_learning_rates(sweep)
+    index = build_report(sweep.root)
+    text = index.read_text(encoding="utf-8")
+    choices = {axis["name"] for axis in grid_data(text)["axes"]}
+    assert {"learning_rate", "variant", "dataset_name", "rank", "checkpoint_step"} <= choices
+    assert not choices & {"optimizer", "cfg_scale", "lr_scheduler"}  # the same for every image: no choice
+    effect = re.search(r'data-metric="clip_score" data-axis="learning_rate">.*?<tbody>(.*?)</tbody>', text, re.S)
+    rows = re.findall(r"<tr( class=\"best\")?><th>(.*?)</th>", effect.group(1))
+    assert [(bool(best), value) for best, value in rows] == [(True, "5e-05"), (False, "0.0001")]  # rank 8 scores higher
+    open_file(page, index)
+    wait_grid(page)
+    options = page.evaluate("Array.from(document.querySelectorAll('#axis-x option')).map(o => o.value)")
+    assert "learning_rate" in options and "optimizer" not in options
+    assert set_axis(page, "x", "learning_rate") == "learning_rate"
+    assert page.evaluate(HEADERS_JS) == ["5e-05", "0.0001"]
+    assert page.evaluate("document.querySelectorAll('#grids img').length") == 2  # rank 8 at 5e-5, rank 4 at 1e-4
+    assert broken_images(page) == []
+    assert set_axis(page, "z", "variant") == "variant"
+    assert page.evaluate(GRID_TITLES_JS) == ["training variant = fast", "training variant = slow"]
+    assert page.evaluate(HEAT_JS % ("rows", "learning_rate")) == ["clip_score", "psnr_to_baseline_db", "train_l2"]
+    rows = page.evaluate("Array.from(document.querySelectorAll('#heatmaps-out figure')[0]"
+                         ".querySelectorAll('tbody th')).map(t => t.textContent)")
+    assert rows == ["5e-05", "0.0001"]
+    assert page.console_errors() == []

@@ -24,8 +24,9 @@ from storage.layout import SweepLayout
 from tasks.data.dataset import scan_dataset
 from tasks.lora.files import DIFFUSERS_FILE, checkpoint_files
 from tasks.models.base_model import load_pipeline, model_family, validate_base_model
+from tasks.models.sd_scripts_names import sd_scripts_unet_modules
 from tasks.models.single_file import write_config_folder
-from tasks.models.tiny_sdxl import SDXL_BUILD_ENTRIES
+from tasks.models.tiny_sdxl import SDXL_BUILD_ENTRIES, SDXL_UNET_CONFIG
 from tasks.preflight import InputError, prepare_inputs
 from tasks.render.job import render_job
 from tasks.render.png_metadata import read_png_parameters
@@ -119,6 +120,8 @@ def test_training_saves_both_formats_with_sdxl_metadata(trained, setup) -> None:
         meta = f.metadata()
         alphas = {float(f.get_tensor(k)) for k in keys if k.endswith(".alpha")}
     assert all(k.startswith("lora_unet_") for k in keys) and alphas == {run.alpha} != {float(run.rank)}
+    # sd-scripts' SDXL module names (sgm spelling: input_blocks_2_1_..., not down_blocks_1_attentions_0_...)
+    assert {k.split(".")[0] for k in keys} == sd_scripts_unet_modules(SDXL_UNET_CONFIG, "sdxl", attention_only=True)
     assert meta["ss_base_model_version"] == "sdxl_base_v1-0" and meta["ss_sd_model_name"] == "tiny-sdxl"
     assert meta["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lora"
     assert meta["ss_network_dim"] == "2" and meta["ss_network_alpha"] == "3.0"

@@ -103,3 +103,28 @@ def test_two_workers_split_the_training_runs_and_none_trains_twice(prefect_harne
     with duckdb.connect(str(root / "catalog.duckdb"), read_only=True) as con:
         assert con.execute("SELECT count(*) FROM runs WHERE status = 'completed'").fetchone() == (2,)
         assert con.execute("SELECT count(*) FROM images").fetchone() == (1 + 2,)  # baseline + one per run
+
+
+def test_make_demo_server_serves_the_prefect_ui(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """flows/run_demo.py's server answers its UI URL with the UI's page (the UI is on in `make demo`)."""
+    import signal
+    import socket
+    import urllib.request
+
+    from flows.run_demo import ensure_server, ui_url
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect-home"))
+    monkeypatch.setenv("PREFECT_UI_ENABLED", "true")
+    monkeypatch.setenv("PREFECT_API_URL", f"http://127.0.0.1:{port}/api")
+    server = ensure_server(f"http://127.0.0.1:{port}/api", port)
+    assert server is not None  # a fresh port: this test started it, and stops it
+    try:
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        with opener.open(ui_url(port), timeout=30) as response:
+            assert response.status == 200 and b"<html" in response.read().lower()
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=60)

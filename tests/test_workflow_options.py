@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -10,7 +9,6 @@ import pytest
 import torch
 from peft.utils import get_peft_model_state_dict
 from safetensors import safe_open
-from safetensors.torch import load_file
 
 from storage.layout import SweepLayout
 from tasks.data.dataset import scan_dataset
@@ -22,6 +20,7 @@ from tasks.sweep.plan import TrainingRunSpec, training_runs
 from tasks.train.loop import fit_lora
 from tasks.train.run import train_lora
 from tests.conftest import small_sweep_data
+from tests.fault_injection import assert_resumes_bit_identically
 
 
 @pytest.fixture(scope="module")
@@ -132,12 +131,7 @@ def test_a_clipped_clip_skip_run_records_both_and_resumes_bit_identically(world,
     with safe_open(str(folder / f"{run.run_id}-s4.safetensors"), "pt") as f:
         meta = f.metadata()
     assert (meta["ss_max_grad_norm"], meta["ss_clip_skip"]) == ("0.5", "2")
-    final = load_file(folder / f"{run.run_id}-s4.safetensors")
-    shutil.rmtree(folder)  # the run was killed after its step-2 checkpoint
-    train_lora(run)
-    assert pq.read_table(layout.table_file("losses", run.run_id)).to_pylist() == losses
-    resumed = load_file(folder / f"{run.run_id}-s4.safetensors")
-    assert final.keys() == resumed.keys() and all(torch.equal(final[k], resumed[k]) for k in final)
+    assert_resumes_bit_identically(train_lora, run, layout, 4, losses)  # killed after its step-2 checkpoint
 
 
 def test_unset_options_write_what_sd_scripts_writes_for_them(world, tmp_path: Path) -> None:

@@ -2,7 +2,9 @@
 
 Each checkpoint folder holds exactly:
   pytorch_lora_weights.safetensors   diffusers/peft format (load_lora_weights); UNet and, when
-                                     trained, text-encoder LoRA (SDXL: both text encoders)
+                                     trained, text-encoder LoRA (SDXL: both text encoders). LoHa and
+                                     LoKr are written the same way, in peft's names, which diffusers
+                                     cannot load (tasks.lora.networks renders them through peft)
   <checkpoint_id>.safetensors        kohya format for AUTOMATIC1111 / ComfyUI, with ss_* metadata
                                      and sshs_* hashes (tasks.lora.kohya_metadata)
   checkpoint.json                    the resolved run spec (every training option, the memory
@@ -31,8 +33,10 @@ from safetensors.torch import save_file
 
 from storage.atomic import FILE_MODE, FOLDER_MODE, raise_explained
 from storage.disk import write_failure
+from tasks.lora import networks
 from tasks.lora.files import MANIFEST_FILE, STATE_FILE, partial_prefix
 from tasks.lora.kohya_metadata import TrainingFacts, kohya_metadata, with_hashes
+from tasks.models.sd_scripts_names import sd_scripts_unet_state
 from tasks.sweep.plan import TrainingRunSpec
 from tasks.sweep.provenance import provenance
 
@@ -66,10 +70,17 @@ def save_checkpoint(run: TrainingRunSpec, unet, adapter: str, step: int, checkpo
             tmp, unet_lora_layers=unet_state, safe_serialization=True,
             unet_lora_adapter_metadata=unet.peft_config[adapter].to_dict(), **text_layers,
         )
-        kohya = kohya_state_dict(unet_state, run.alpha, *text_states)
+        if run.network == "lora":  # UNet modules named as sd-scripts names them (SDXL: input_blocks_4_1_...)
+            kohya = kohya_state_dict(sd_scripts_unet_state(unet_state, unet.config, family), run.alpha, *text_states,
+                                     conv_alpha=networks.conv_rank_alpha(run)[1])
+        else:  # DoRA, LoHa, LoKr: the LyCORIS layout (tasks.lora.networks)
+            parts = dict(zip(("unet", "text_encoder", "text_encoder_2"), (unet_state, *text_states)))
+            convs = dict.fromkeys(networks.spatial_convs(unet, run.target_modules), networks.conv_rank_alpha(run))
+            kohya = networks.kohya_state_dict(run.network, run.rank, run.alpha, parts, convs)
         metadata = with_hashes(kohya, kohya_metadata(run, step, family, facts))
         save_file(kohya, str(tmp / f"{checkpoint_id}.safetensors"), metadata=metadata)
-        manifest = {"checkpoint_id": checkpoint_id, "step": step, "run": run.model_dump(mode="json"),
+        manifest = {"checkpoint_id": checkpoint_id, "step": step,
+                    "run": run.model_dump(mode="json", exclude={"stop_at"}),  # the run, not how far one call went
                     "effective_batch_size": run.effective_batch_size,
                     "attention_processors": sorted({type(p).__name__ for p in unet.attn_processors.values()}),
                     "provenance": provenance()}
@@ -101,8 +112,10 @@ def text_encoder_lora_state(text_encoder, adapter: str) -> dict[str, torch.Tenso
 
 def kohya_state_dict(peft_state: dict[str, torch.Tensor], alpha: float,
                      text_state: dict[str, torch.Tensor] | None = None,
-                     text_2_state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-    """kohya keys (`lora_unet_*`, text encoders `.lora_down/lora_up/alpha`) with the REAL alpha.
+                     text_2_state: dict[str, torch.Tensor] | None = None,
+                     conv_alpha: float | None = None) -> dict[str, torch.Tensor]:
+    """kohya keys (`lora_unet_*`, text encoders `.lora_down/lora_up/alpha`) with the REAL alpha; a convolution
+    with a kernel larger than 1 x 1 gets `conv_alpha` when given (kohya's rule for conv_alpha).
 
     diffusers' converter writes alpha = rank; a reloaded LoRA would then be scaled wrongly
     whenever alpha != rank, so every `.alpha` is overwritten. It names the text encoders
@@ -115,5 +128,13 @@ def kohya_state_dict(peft_state: dict[str, torch.Tensor], alpha: float,
     converted = convert_state_dict_to_kohya(prefixed)
     if not text_2_state:
         converted = {k.replace("lora_te1_", "lora_te_", 1): v for k, v in converted.items()}
-    return {k: torch.tensor(float(alpha)) if k.endswith(".alpha") else v for k, v in converted.items()}
+    return {k: torch.tensor(float(module_alpha(converted, k.removesuffix(".alpha"), alpha, conv_alpha)))
+            if k.endswith(".alpha") else v for k, v in converted.items()}
+
+
+def module_alpha(kohya: dict[str, torch.Tensor], module: str, alpha: float, conv_alpha: float | None) -> float:
+    """`conv_alpha` for a module whose lora_down is a k x k convolution (k > 1), else `alpha`."""
+    down = kohya.get(f"{module}.lora_down.weight")
+    spatial = down is not None and down.dim() == 4 and tuple(down.shape[2:]) != (1, 1)
+    return conv_alpha if spatial and conv_alpha is not None else alpha
 

@@ -21,9 +21,9 @@ import safetensors.torch
 import torch
 
 from tasks.data.dataset import DatasetItem, crop_sizes, item_size
+from tasks.lora.networks import network_metadata
 from tasks.sweep.hashes import addnet_hash, addnet_legacy_hash, legacy_model_hash, model_sha256
 from tasks.sweep.plan import TrainingRunSpec
-from tasks.sweep.presets import RESNET_CONV
 from tasks.sweep.spec import DatasetSpec
 
 # Per base-model family: kohya's ss_base_model_version and the modelspec architecture A1111/ComfyUI read.
@@ -45,6 +45,7 @@ class TrainingFacts:
     started: datetime
     skipped: tuple[str, ...] = ()  # bad files left out of the dataset (dataset.on_bad_file = "skip")
     prediction_type: str = "epsilon"  # the base model scheduler's: "epsilon" or "v_prediction"
+    class_items: tuple[DatasetItem, ...] = ()  # prior preservation's class images (kohya's regularisation images)
 
 
 def kohya_metadata(run: TrainingRunSpec, step: int, family: str, facts: TrainingFacts) -> dict[str, str]:
@@ -123,13 +124,12 @@ def tag_frequency(items: tuple[DatasetItem, ...], ds: DatasetSpec) -> dict[str, 
 
 
 def _network_fields(run: TrainingRunSpec, family: str) -> dict[str, str]:
-    conv = any(name in RESNET_CONV for name in run.target_modules)
     return {
-        "ss_network_module": "networks.lora",
+        # kohya's networks.lora for LoRA; LyCORIS' lycoris.kohya with its algo for DoRA, LoHa and LoKr
+        **network_metadata(run),
         "ss_network_dim": str(run.rank),
         "ss_network_alpha": str(run.alpha),
         "ss_network_dropout": str(run.lora_dropout),
-        "ss_network_args": json.dumps({"conv_dim": str(run.rank), "conv_alpha": str(run.alpha)} if conv else {}),
         "ss_network_train_unet_only": str(not run.train_text_encoder),
         "ss_base_model_version": BASE_MODEL_VERSIONS[family],
         "ss_v2": "False",
@@ -176,7 +176,7 @@ def _dataset_fields(run: TrainingRunSpec, step: int, facts: TrainingFacts) -> di
     return {
         "ss_epoch": str(math.ceil(step * run.effective_batch_size / per_epoch)),
         "ss_num_train_images": str(per_epoch),
-        "ss_num_reg_images": "0",
+        **regularisation_fields(run, facts),
         "ss_dataset_dirs": json.dumps(dataset_dirs(facts.items, ds)),
         "ss_tag_frequency": json.dumps(tag_frequency(facts.items, ds)),
         "ss_caption_dropout_rate": str(ds.caption_dropout),
@@ -187,6 +187,15 @@ def _dataset_fields(run: TrainingRunSpec, step: int, facts: TrainingFacts) -> di
         "ss_bucket_info": json.dumps(bucket_info(run, facts.items)) if run.buckets else "null",
         "ss_cache_latents": str(run.cache != "off"),
     }
+
+
+def regularisation_fields(run: TrainingRunSpec, facts: TrainingFacts) -> dict[str, str]:
+    """Prior preservation as sd-scripts records regularisation images: their count (repeats included; ours are
+    1), {folder name: {"n_repeats", "img_count"}} and the prior loss weight (sd-scripts' default 1.0 without)."""
+    prior, items = run.prior_preservation, facts.class_items
+    dirs = {items[0].path.parent.name: {"n_repeats": 1, "img_count": len(items)}} if items else {}
+    return {"ss_num_reg_images": str(len(items)), "ss_reg_dataset_dirs": json.dumps(dirs),
+            "ss_prior_loss_weight": str(prior.prior_loss_weight if prior else 1.0)}
 
 
 def bucket_info(run: TrainingRunSpec, items: tuple[DatasetItem, ...]) -> dict[str, object]:

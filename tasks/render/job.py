@@ -29,15 +29,17 @@ from storage.layout import SweepLayout
 from storage.parquet_io import write_rows
 from tasks.data.dataset import load_clip_tokenizer
 from tasks.lora.files import DIFFUSERS_FILE
+from tasks.lora.networks import WeightPatches, load_weight_patches, saved_network
 from tasks.models.base_model import MODEL_BUILD_LOCK, load_pipeline
 from tasks.render.conditioning import PromptConditioner, prompt_tokens
-from tasks.render.grid_image import job_title, write_grid_images
+from tasks.render.grid_image import DEFAULT_Z_AXES, job_title, write_grid_images
 from tasks.render.png_metadata import ImageParameters, png_info, read_png_parameters
 from tasks.render.samplers import make_scheduler
+from tasks.sweep.cells import Cell, grid_cells, image_id
 from tasks.sweep.claims import claim, read_holders, record_holder
 from tasks.sweep.devices import resolve_precision, torch_device
 from tasks.sweep.hashes import lora_short_hash, model_hash
-from tasks.sweep.plan import Cell, RenderJobSpec, grid_cells, image_id
+from tasks.sweep.plan import RenderJobSpec
 from tasks.sweep.provenance import lora_sweep_version
 from tasks.sweep.sampler_names import resolve_sampler
 
@@ -80,7 +82,7 @@ def _render_claimed(job: RenderJobSpec, layout: SweepLayout, out_dir: Path, tabl
     if todo:
         _render_missing(job, todo, out_dir)
     tokenizer = load_clip_tokenizer()  # the CLIP BPE vocabulary SD1.x and SDXL share: counts only
-    tokens = {p: prompt_tokens(p, job.prompt_syntax, tokenizer) for p in job.prompts}
+    tokens = {p: prompt_tokens(p, job.prompt_syntax, tokenizer) for p in {c.prompt for c in cells}}
     rows = [_image_row(job, c, out_dir / f"{image_id(job, c)}.png", tokens[c.prompt]) for c in cells]
     _write_grids(job, layout, rows, out_dir)
     return write_rows("images", rows, table_file)
@@ -96,7 +98,9 @@ def _write_grids(job: RenderJobSpec, layout: SweepLayout, rows: list[dict[str, o
     baseline = layout.table_file("images", job.baseline_render_id) if job.baseline_render_id else None
     shared = pq.read_table(baseline).to_pylist() if baseline and baseline.exists() else []
     title = job_title(rows[0])
-    write_grid_images([*shared, *rows], out_dir, title=title)
+    # Clip skip joins the fixed values only when it varies, so grids of jobs without it keep their names.
+    z_axes = (*DEFAULT_Z_AXES, "clip_skip") if len(job.clip_skips) > 1 else DEFAULT_Z_AXES
+    write_grid_images([*shared, *rows], out_dir, title=title, z_axes=z_axes)
 
 
 def _render_missing(job: RenderJobSpec, todo: list[Cell], out_dir: Path) -> None:
@@ -107,13 +111,18 @@ def _render_missing(job: RenderJobSpec, todo: list[Cell], out_dir: Path) -> None
     pipe.set_progress_bar_config(disable=True)
     batch = _BatchRenderer(pipe, job, dict(pipe.scheduler.config), PromptConditioner(pipe, job, torch_device()),
                            _MetadataContext.build(job), out_dir)
-    extras = _load_loras(pipe, job)
+    patches = _network_patches(pipe, job)  # before the extras: it needs the pipeline's plain modules
+    extras = _load_loras(pipe, job, ours=patches is None)
     progress = tqdm(total=len(todo), desc=f"render {job.render_id}", leave=False)
-    for key, group in itertools.groupby(todo, key=lambda c: (c.lora_weight, c.sampler, c.steps, c.cfg_scale)):
-        weight, sampler, steps, cfg = key
+    for key, group in itertools.groupby(todo, key=lambda c: (c.lora_weight, c.sampler, c.steps, c.cfg_scale,
+                                                             c.clip_skip)):
+        weight, sampler, steps, cfg, _ = key
         # Weight 0 of ours adds exactly 0.0, so it equals the baseline with the extras at their weights.
-        names = [ADAPTER, *extras] if job.checkpoint else extras
-        weights = [weight] * bool(job.checkpoint) + [x.weight for x in job.extra_loras]
+        ours = bool(job.checkpoint) and patches is None
+        names = [ADAPTER, *extras] if ours else extras
+        weights = [weight] * ours + [x.weight for x in job.extra_loras]
+        if patches is not None:  # DoRA, LoHa, LoKr: weight x the adapter's whole change, as A1111 applies it
+            patches.set_weight(weight)
         if names:
             pipe.set_adapters(names, adapter_weights=weights)
         cells = list(group)
@@ -156,11 +165,20 @@ class _BatchRenderer:
                        "checkpoint_id": job.checkpoint.checkpoint_id if job.checkpoint else None})
 
 
-def _load_loras(pipe, job: RenderJobSpec) -> list[str]:
-    """Load our checkpoint (if any) and each extra LoRA once, each under its own adapter; the extras' names."""
+def _network_patches(pipe, job: RenderJobSpec) -> WeightPatches | None:
+    """Our checkpoint as weight patches when it is not a plain LoRA (tasks.lora.networks); None otherwise."""
+    if not job.checkpoint or saved_network(job.checkpoint.lora_dir, DIFFUSERS_FILE) == "lora":
+        return None
+    with MODEL_BUILD_LOCK:
+        return load_weight_patches(pipe, job.checkpoint.lora_dir, DIFFUSERS_FILE)
+
+
+def _load_loras(pipe, job: RenderJobSpec, ours: bool = True) -> list[str]:
+    """Load our checkpoint (if any, and `ours`) and each extra LoRA once, each under its own adapter; the extras'
+    names."""
     extras = [f"{EXTRA_ADAPTER_PREFIX}{i}" for i in range(len(job.extra_loras))]
     with MODEL_BUILD_LOCK:
-        if job.checkpoint:
+        if job.checkpoint and ours:
             pipe.load_lora_weights(job.checkpoint.lora_dir, weight_name=DIFFUSERS_FILE, adapter_name=ADAPTER)
         for adapter, extra in zip(extras, job.extra_loras):
             file = Path(extra.path)
@@ -218,5 +236,8 @@ def _image_row(job: RenderJobSpec, cell: Cell, path: Path, tokens: int) -> dict[
         "render_s": float(ours.get("render_s", 0.0)),
         "extra_loras": json.dumps([x.model_dump() for x in job.extra_loras]) if job.extra_loras else None,
         "precision": job.precision,  # resolved by render_job: the image id holds it
-        "prompt_syntax": job.prompt_syntax, "prompt_tokens": tokens,
+        "prompt_syntax": job.prompt_syntax, "prompt_tokens": tokens, "clip_skip": cell.clip_skip,
+        "prompt_source": "caption" if cell.caption else "spec",
+        "source_image": cell.caption.source_id if cell.caption else None,
+        "held_out": cell.caption.held_out if cell.caption else None,
     }

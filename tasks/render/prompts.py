@@ -3,8 +3,9 @@
 Reproduces AUTOMATIC1111 v1.10 (`prompt_parser.parse_prompt_attention`, `sd_hijack_clip`, emphasis
 "Original") so prompts written for the webui ((x), [x], (x:1.3), BREAK, more than 75 tokens) condition the
 diffusers pipelines as they do there. A plain prompt of <= 75 tokens gives exactly diffusers' own
-`encode_prompt` embeddings, bit for bit. Prompt scheduling ([a:b:N], [a|b]), AND, textual inversion and
-Clip skip are not handled here.
+`encode_prompt` embeddings, bit for bit. Clip skip (SD1.x) as A1111: the N-th hidden state from the end through
+the final layer norm, before emphasis. Prompt scheduling ([a:b:N], [a|b]), AND and textual inversion are not
+handled here.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any
 
 import torch
 
+from tasks.models.text_conditioning import clip_skip_states
 from tasks.sweep.prompt_syntax import (
     CHUNK_LENGTH,
     CHUNK_TOKENS,
@@ -125,33 +127,41 @@ def apply_emphasis(z: torch.Tensor, multipliers: torch.Tensor) -> torch.Tensor:
 
 
 def encode_chunks(chunks: PromptChunks, text_encoder: Any, device: str | torch.device, *,
-                  penultimate: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                  penultimate: bool, clip_skip: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """One encoder's weighted hidden states (1, 77*N, C) for a prompt's chunks, and its first output of the
-    first chunk (the projected pooled vector for CLIPTextModelWithProjection), taken before emphasis."""
+    first chunk (the projected pooled vector for CLIPTextModelWithProjection), taken before emphasis.
+    `clip_skip` picks the layer when not `penultimate` (SD1.x; tasks.models.text_conditioning.clip_skip_states)."""
     ids, multipliers = chunks.ids_tensor(device), chunks.multipliers_tensor(device)
     weighted, first_output = [], None
     for index in range(ids.shape[0]):  # one chunk per call, as A1111 does: each chunk's numbers stand alone
         row = ids[index:index + 1]
-        output = text_encoder(row, output_hidden_states=True) if penultimate else text_encoder(row)
-        hidden = output.hidden_states[-2] if penultimate else output[0]
+        if penultimate:
+            output = text_encoder(row, output_hidden_states=True)
+            hidden, first = output.hidden_states[-2], output[0]
+        else:
+            hidden = first = clip_skip_states(text_encoder, row, clip_skip)
         weighted.append(apply_emphasis(hidden[0], multipliers[index].to(hidden.device)))
-        first_output = output[0] if first_output is None else first_output
+        first_output = first if first_output is None else first_output
     return torch.cat(weighted).unsqueeze(0), first_output
 
 
 @torch.no_grad()
-def encode_one_prompt(text: str, tokenizers: list[Any], text_encoders: list[Any],
-                      device: str | torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(embeds (1, 77*N, C), pooled (1, P) or None) for one prompt. SD1.x: last_hidden_state. SDXL: each
-    encoder's penultimate hidden states, weighted per encoder as A1111 does, then joined on channels."""
+def encode_one_prompt(text: str, tokenizers: list[Any], text_encoders: list[Any], device: str | torch.device,
+                      clip_skip: int = 1) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(embeds (1, 77*N, C), pooled (1, P) or None) for one prompt. SD1.x: last_hidden_state (or the layer
+    `clip_skip` picks). SDXL: each encoder's penultimate hidden states, weighted per encoder as A1111 does,
+    then joined on channels."""
     if len(tokenizers) != len(text_encoders) or len(text_encoders) not in (1, 2):
         raise ValueError(f"need 1 (SD1.x) or 2 (SDXL) tokenizers and text encoders, got {len(tokenizers)} "
                          f"and {len(text_encoders)}")
     sdxl = len(text_encoders) == 2
+    if sdxl and clip_skip != 1:
+        raise ValueError(f"clip_skip {clip_skip} does not apply to SDXL (always the penultimate layers); allowed: 1")
     chunked = [chunk_prompt(text, tokenizer) for tokenizer in tokenizers]
     if len({len(c.input_ids) for c in chunked}) != 1:
         raise ValueError(f"the tokenizers split prompt {text!r} into different chunk counts")
-    encoded = [encode_chunks(c, encoder, device, penultimate=sdxl) for c, encoder in zip(chunked, text_encoders)]
+    encoded = [encode_chunks(c, encoder, device, penultimate=sdxl, clip_skip=clip_skip)
+               for c, encoder in zip(chunked, text_encoders)]
     embeds = torch.cat([e for e, _ in encoded], dim=-1).to(dtype=text_encoders[-1].dtype, device=device)
     if not sdxl:
         return embeds, None
@@ -179,16 +189,16 @@ class EncodedPrompts:
 
 @torch.no_grad()
 def encode_prompts(prompts: list[str], tokenizers: list[Any], text_encoders: list[Any],
-                   device: str | torch.device) -> EncodedPrompts:
+                   device: str | torch.device, clip_skip: int = 1) -> EncodedPrompts:
     """Encode prompts as A1111 does (emphasis "Original", 75-token chunks joined on the token axis). Pass
     [tokenizer], [text_encoder] for SD1.x, or both of each in pipeline order for SDXL (`tasks.models.text_conditioning.text_encoders`)."""
     if not prompts:
         raise ValueError("encode_prompts needs at least one prompt")
-    encoded = [encode_one_prompt(p, tokenizers, text_encoders, device) for p in prompts]
+    encoded = [encode_one_prompt(p, tokenizers, text_encoders, device, clip_skip) for p in prompts]
     counts = tuple(e.shape[1] // CHUNK_LENGTH for e, _ in encoded)
     embeds = [e for e, _ in encoded]
     if len(set(counts)) > 1:
-        empty = encode_one_prompt("", tokenizers, text_encoders, device)[0]
+        empty = encode_one_prompt("", tokenizers, text_encoders, device, clip_skip)[0]
         embeds = [pad_with_empty_chunks(e, empty, max(counts) * CHUNK_LENGTH) for e in embeds]
     pooled = torch.cat([p for _, p in encoded]) if encoded[0][1] is not None else None
     return EncodedPrompts(torch.cat(embeds), pooled, counts)
@@ -234,22 +244,22 @@ class ConditioningPair:
 @torch.no_grad()
 def encode_prompt_pair(prompts: list[str], negative_prompts: list[str], tokenizers: list[Any],
                        text_encoders: list[Any], device: str | torch.device, *,
-                       zero_empty_negative: bool = True) -> ConditioningPair:
+                       zero_empty_negative: bool = True, clip_skip: int = 1) -> ConditioningPair:
     """Encode prompts and negatives, padded to one length. For SDXL with every negative "" and
     `zero_empty_negative` (diffusers' force_zeros_for_empty_prompt, A1111's force_zero_embeddings), the
     negative is zeros shaped like the positive: zero keys attend uniformly to zero values, so any length gives
     the same result as A1111's unpadded 77 zeros."""
     if len(prompts) != len(negative_prompts):
         raise ValueError(f"{len(prompts)} prompts but {len(negative_prompts)} negative prompts")
-    positive = encode_prompts(prompts, tokenizers, text_encoders, device)
+    positive = encode_prompts(prompts, tokenizers, text_encoders, device, clip_skip)
     if len(text_encoders) == 2 and zero_empty_negative and all(n == "" for n in negative_prompts):
         assert positive.pooled is not None
         return ConditioningPair(positive.embeds, torch.zeros_like(positive.embeds), positive.pooled,
                                 torch.zeros_like(positive.pooled), positive.padded)
-    negative = encode_prompts(negative_prompts, tokenizers, text_encoders, device)
+    negative = encode_prompts(negative_prompts, tokenizers, text_encoders, device, clip_skip)
     embeds, negative_embeds = positive.embeds, negative.embeds
     if embeds.shape[1] != negative_embeds.shape[1]:
-        empty = encode_one_prompt("", tokenizers, text_encoders, device)[0]
+        empty = encode_one_prompt("", tokenizers, text_encoders, device, clip_skip)[0]
         embeds, negative_embeds = pad_to_same_length(embeds, negative_embeds, empty)
     padded = positive.padded or negative.padded or embeds.shape[1] != positive.embeds.shape[1] \
         or negative_embeds.shape[1] != negative.embeds.shape[1]

@@ -1,4 +1,5 @@
 """Score one render job's images: every registered image metric, seed diversity per grid cell,
+for a caption prompt's image its fidelity to the caption's source image (tasks.score.caption_fidelity),
 and, for the builtin demo world, the ground-truth concept score.
 
 Reads the PNGs and the job's `images` rows from disk and writes `image_metrics` rows for the
@@ -21,6 +22,7 @@ from storage.layout import SweepLayout
 from storage.parquet_io import write_rows
 from tasks.data.demo_world import DEMO_CONCEPT
 from tasks.data.sources import load_items
+from tasks.score.caption_fidelity import caption_clip_metrics, caption_metrics
 from tasks.score.clip_metrics import ClipScorer
 from tasks.score.concept_score import concept_score
 from tasks.score.image_features import TrainingSetFeatures
@@ -31,7 +33,7 @@ from tasks.sweep.spec import DatasetSpec
 log = logging.getLogger(__name__)
 CONCEPT_METRIC = "concept_score"  # in [0, 1]; ground truth of the demo world, higher is better
 DIVERSITY_METRIC = next(iter(GROUP_METRICS))
-CELL_AXES = ("sampler", "steps", "cfg_scale", "lora_weight", "prompt_index")
+CELL_AXES = ("sampler", "steps", "cfg_scale", "lora_weight", "prompt_index", "clip_skip")
 
 
 def score_job(job: RenderJobSpec) -> Path:
@@ -52,6 +54,8 @@ def score_job(job: RenderJobSpec) -> Path:
         baseline_id = Path(baseline_path).stem if baseline_path else None
         values = compute_image_metrics(array, baseline=_load(baseline_path) if baseline_path else None,
                                        training=training, baseline_id=baseline_id)
+        if image.get("source_image"):
+            values += caption_metrics(array, image["source_image"], training)
         rows += [_row(job, image["image_id"], v.metric, v.value, v.higher_is_better, v.reference_id) for v in values]
         if job.concept_trigger:
             concept = replace(DEMO_CONCEPT, trigger=job.concept_trigger)
@@ -63,9 +67,17 @@ def score_job(job: RenderJobSpec) -> Path:
 
 
 def _clip_rows(job: RenderJobSpec, images: list[dict], pixels: dict[str, np.ndarray]) -> list[dict[str, object]]:
-    """CLIP text-image score and CLIP similarity to the training set, batched over the job."""
+    """CLIP text-image score and CLIP similarity to the training set, batched over the job; a caption
+    prompt's image also gets its CLIP similarity to its source image."""
     scorer, training = _clip_scorer(job.clip_model_path, job.dataset_path, job.dataset.model_dump_json())
     scores = scorer.score([pixels[i["image_id"]] for i in images], [i["prompt"] for i in images], training)
+    captioned = [i for i in images if i.get("source_image")]
+    if captioned:
+        embeddings = scorer.embed_images([pixels[i["image_id"]] for i in captioned], [i["image_id"] for i in captioned])
+        fidelity = caption_clip_metrics(embeddings, [i["source_image"] for i in captioned], training.ids,
+                                        training.embeddings)
+        scores = [*scores, *([v] for v in fidelity)]
+        images = [*images, *captioned]
     return [_row(job, image["image_id"], v.metric, v.value, v.higher_is_better, v.reference_id)
             for image, values in zip(images, scores) for v in values]
 
@@ -81,7 +93,7 @@ def _diversity_rows(job: RenderJobSpec, images: list[dict], pixels: dict[str, np
     """Seed diversity of each grid cell, written on every image of that cell."""
     cells: dict[tuple, list[dict]] = defaultdict(list)
     for image in images:
-        cells[tuple(image[a] for a in CELL_AXES)].append(image)
+        cells[tuple(image.get(a) for a in CELL_AXES)].append(image)
     rows = []
     higher = GROUP_METRICS[DIVERSITY_METRIC].higher_is_better
     for members in cells.values():
@@ -93,7 +105,9 @@ def _diversity_rows(job: RenderJobSpec, images: list[dict], pixels: dict[str, np
 
 
 def _baseline_key(image: dict) -> tuple:
-    return (image["sampler"], image["steps"], image["cfg_scale"], image["prompt"], image["seed"])
+    """The cell an image shares with its no-LoRA twin (columns added later read as their old meaning)."""
+    return (image["sampler"], image["steps"], image["cfg_scale"], image["prompt"], image["seed"],
+            image.get("clip_skip") or 1, image.get("source_image"))
 
 
 def _baseline_paths(layout: SweepLayout, job: RenderJobSpec) -> dict[tuple, str]:

@@ -22,3 +22,10 @@ def unique_values(values: tuple, field: str) -> tuple:
     if dupes:
         raise ValueError(f"{field} must not repeat values; repeated: {', '.join(dupes)}")
     return values
+
+
+def check_builtin(value: str, allowed: tuple[str, ...]) -> None:
+    """A `builtin:NAME` path must name one of `allowed`; other paths pass."""
+    if value.startswith("builtin:") and value[len("builtin:") :] not in allowed:
+        names = ", ".join("builtin:" + a for a in allowed)
+        raise ValueError(f"unknown builtin {value!r}; allowed builtins: {names}")

@@ -8,6 +8,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from tasks.sweep.axes import Variant
 from tasks.sweep.spec import BUILTIN_PREFIX, SweepSpec
 
 
@@ -42,7 +43,10 @@ def parse_spec(data: dict[str, Any], source: str = "<spec>") -> SweepSpec:
         # pydantic also reports a list as too short once a bad item is dropped; the item's error says it all.
         item_locs = {e["loc"][:-1] for e in errors if e["loc"] and isinstance(e["loc"][-1], int)}
         errors = [e for e in errors if not (e["type"] == "too_short" and e["loc"] in item_locs)]
-        raise SpecError(source, [_format_error(e) for e in errors]) from None
+        # A whole-spec check (axes, variants, run count) reports one problem per line, each naming its field.
+        problems = [line for e in errors for line in (e["msg"].removeprefix("Value error, ").split("\n")
+                                                      if not e["loc"] else [_format_error(e)])]
+        raise SpecError(source, problems) from None
 
 
 def load_spec(path: str | Path) -> SweepSpec:
@@ -75,6 +79,7 @@ def resolve_paths(spec: SweepSpec, base: Path) -> SweepSpec:
             "training": spec.training.model_copy(update={"cache_dir": absolute(spec.training.cache_dir)}),
             "dataset": spec.dataset.model_copy(update={"path": absolute(spec.dataset.path),
                                                        "captioner": _absolute_captioner(spec.dataset.captioner, absolute)}),
+            "datasets": tuple(_absolute_variant(v, absolute) for v in spec.datasets),
             "base_models": models,
             "render": spec.render.with_absolute_paths(absolute),
         }
@@ -87,3 +92,13 @@ def _absolute_captioner(value: str | None, absolute) -> str | None:
         return value
     kind, _, path = value.partition(":")
     return f"{kind}:{absolute(path)}"
+
+
+def _absolute_variant(variant: Variant, absolute) -> Variant:
+    """A dataset variant's own path and captioner resolve like the base dataset's."""
+    overrides = dict(variant.overrides)
+    if isinstance(overrides.get("path"), str):
+        overrides["path"] = absolute(overrides["path"])
+    if isinstance(overrides.get("captioner"), str):
+        overrides["captioner"] = _absolute_captioner(overrides["captioner"], absolute)
+    return variant.model_copy(update={"overrides": overrides})

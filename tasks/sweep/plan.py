@@ -6,19 +6,21 @@ a changed spec gets new ids only where something really changed.
 
 from __future__ import annotations
 
-import itertools
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
+from tasks.sweep.axes import TrainingConfig
+from tasks.sweep.caption_prompts import CaptionPrompt
+from tasks.sweep.cells import prompt_syntax_in_effect
 from tasks.sweep.hashes import file_sha256
 from tasks.sweep.ids import content_id, jsonable, with_later_options
 from tasks.sweep.model_family import ModelFamily, model_family
 from tasks.sweep.presets import MemoryPreset, memory_preset
-from tasks.sweep.prompt_syntax import may_render_differently
+from tasks.sweep.prior_preservation import PriorPreservationSpec
 from tasks.sweep.spec import BaseModelSpec, DatasetSpec, SweepSpec, TrainingSpec
 
 
@@ -67,6 +69,16 @@ class TrainingRunSpec(_Frozen):
     cache_dir: str | None = None  # set exactly when cache is "disk"
     max_grad_norm: float | None = None  # clip the LoRA gradients' total norm; None: no clipping
     clip_skip: int = 1  # the text encoder's N-th layer from the end conditions the UNet (A1111's Clip skip)
+    prior_preservation: PriorPreservationSpec | None = None  # class images trained beside the instance images
+    network: Literal["lora", "dora", "loha", "lokr"] = "lora"  # the adapter type (tasks.lora.networks)
+    lokr_factor: int = -1  # LoKr's dimension split; -1: automatic
+    conv_rank: int | None = None  # LoCon k x k convolutions' own rank and alpha; None: the run's
+    conv_alpha: float | None = None
+    variant: str | None = None  # the [[training.variants]] entry it came from (a label; not in the id)
+    dataset_name: str | None = None  # the [[datasets]] entry it trains on (a label; not in the id)
+    # Train only up to this checkpoint step and return (an adaptive sweep's rung, flows/halving.py); a later
+    # call resumes from there. None: to max_steps. Not in the id: the weights at each step are the same.
+    stop_at: int | None = None
 
     @property
     def effective_batch_size(self) -> int:
@@ -119,6 +131,8 @@ class RenderJobSpec(_Frozen):
     extra_loras: tuple[ExtraLoraRef, ...] = ()  # stacked on every image of the job, the baseline's too
     precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"  # resolved by the render task on its device
     prompt_syntax: Literal["a1111", "plain"] = "plain"  # how prompts become conditioning (RenderSpec)
+    clip_skips: tuple[int, ...] = (1,)  # A1111's Clip skip, an axis of the grid (RenderSpec.clip_skip)
+    caption_prompts: tuple[CaptionPrompt, ...] = ()  # training captions, a second prompt set (caption_prompts.py)
 
 
 @dataclass(frozen=True)
@@ -129,6 +143,8 @@ class PreparedInputs:
     dataset_path: str
     dataset_fingerprint: str
     num_images: int
+    dataset_variants: dict[str, tuple[str, str]] = field(default_factory=dict)  # name -> (path, fingerprint)
+    caption_prompts: tuple[CaptionPrompt, ...] = ()  # render.caption_prompts resolved from the dataset
 
 
 def sweep_root(spec: SweepSpec) -> Path:
@@ -136,64 +152,95 @@ def sweep_root(spec: SweepSpec) -> Path:
 
 
 def training_runs(
-    spec: SweepSpec, model_paths: dict[str, str], dataset_path: str, dataset_fingerprint: str
+    spec: SweepSpec, model_paths: dict[str, str], dataset_path: str, dataset_fingerprint: str,
+    datasets: Mapping[str, tuple[str, str]] | None = None,
 ) -> list[TrainingRunSpec]:
-    """One run per (base model x rank), in spec order; a memory preset plans for each model's family."""
-    t = spec.training
+    """One run per base model x dataset x training configuration x rank, in spec order; a memory preset
+    plans for each model's family. `datasets` maps each named dataset variant to its prepared (path,
+    fingerprint); `dataset_path`/`dataset_fingerprint` are the base dataset's."""
+    prepared = {None: (dataset_path, dataset_fingerprint), **(datasets or {})}
     runs = []
     for model in spec.base_models:
         family = model_family(model_paths[model.name], model.config)
-        if t.clip_skip != 1 and family == "sdxl":  # A1111 ignores it for SDXL, sd-scripts refuses it
-            raise ValueError(f"training.clip_skip {t.clip_skip} does not apply to SDXL base model {model.name!r} "
-                             "(it always uses the penultimate layers); allowed: 1")
-        preset, settings = preset_settings(t, family)
-        for rank in settings["ranks"]:
-            fields = dict(
-                base_model=model,
-                base_model_path=model_paths[model.name],
-                dataset=spec.dataset,
-                dataset_path=dataset_path,
-                dataset_fingerprint=dataset_fingerprint,
-                rank=rank,
-                alpha=float(t.alpha if t.alpha is not None else rank),
-                max_steps=t.max_steps,
-                checkpoint_steps=t.resolved_checkpoint_steps(),
-                learning_rate=t.learning_rate,
-                batch_size=settings["batch_size"],
-                resolution=settings["resolution"],
-                seed=t.seed,
-                target_modules=t.lora_targets(),
-                **_training_options(t, settings, preset, spec.output_dir),
-            )
-            run_id = f"{model.name}-r{rank}-{run_content_id(fields, model, spec.dataset)}"
-            runs.append(
-                TrainingRunSpec(run_id=run_id, sweep_id=spec.sweep_id(), sweep_root=str(sweep_root(spec)), **fields)
-            )
+        for dataset_name, dataset in spec.dataset_specs():
+            if dataset_name not in prepared:
+                raise ValueError(f"dataset variant {dataset_name!r} was not prepared (tasks.preflight)")
+            path, fingerprint = prepared[dataset_name]
+            for config in spec.training_configs():
+                runs += _config_runs(spec, model, model_paths[model.name], family, config,
+                                     (dataset_name, dataset, path, fingerprint))
+    return runs
+
+
+def planned_runs(spec: SweepSpec, inputs: PreparedInputs) -> list[TrainingRunSpec]:
+    """The sweep's training runs from its prepared inputs (every dataset variant included)."""
+    return training_runs(spec, inputs.model_paths, inputs.dataset_path, inputs.dataset_fingerprint,
+                         inputs.dataset_variants)
+
+
+def _config_runs(spec: SweepSpec, model: BaseModelSpec, model_path: str, family: ModelFamily,
+                 config: TrainingConfig, data: tuple[str | None, DatasetSpec, str, str]) -> list[TrainingRunSpec]:
+    """The runs of one configuration on one base model and dataset: one per rank."""
+    t = config.training
+    dataset_name, dataset, dataset_path, dataset_fingerprint = data
+    if t.clip_skip != 1 and family == "sdxl":  # A1111 ignores it for SDXL, sd-scripts refuses it
+        raise ValueError(f"training.clip_skip {t.clip_skip} does not apply to SDXL base model {model.name!r} "
+                         "(it always uses the penultimate layers); allowed: 1")
+    preset, settings = preset_settings(t, family)
+    runs = []
+    for rank in settings["ranks"]:
+        fields = dict(
+            base_model=model,
+            base_model_path=model_path,
+            dataset=dataset,
+            dataset_path=dataset_path,
+            dataset_fingerprint=dataset_fingerprint,
+            rank=rank,
+            alpha=float(t.alpha if t.alpha is not None else rank),
+            max_steps=t.max_steps,
+            checkpoint_steps=t.resolved_checkpoint_steps(),
+            learning_rate=t.learning_rate,
+            batch_size=settings["batch_size"],
+            resolution=settings["resolution"],
+            seed=t.seed,
+            target_modules=t.lora_targets(),
+            **_training_options(t, settings, preset, spec.output_dir),
+            variant=config.variant,
+            dataset_name=dataset_name,
+        )
+        run_id = f"{model.name}-r{rank}-{run_content_id(fields, model, dataset)}"
+        runs.append(TrainingRunSpec(run_id=run_id, sweep_id=spec.sweep_id(), sweep_root=str(sweep_root(spec)),
+                                    **fields))
     return runs
 
 
 # Never in a run's id: where things are, and records whose effect is already in other fields (the
 # memory preset's choice is in resolution, batch size and the rest).
-NOT_IN_RUN_ID = ("base_model_path", "dataset_path", "memory_preset", "cache_dir")
+# `variant` and `dataset_name` are labels: the options they stand for are in the id.
+NOT_IN_RUN_ID = ("base_model_path", "dataset_path", "memory_preset", "cache_dir", "variant", "dataset_name",
+                 "stop_at")
 # Options added after the first runs were trained, with the values that reproduce runs from before
 # them (tasks.sweep.ids.with_later_options). `cache`: a disk cache gives the bits an in-memory one
 # does; "off" draws the VAE samples per step, so it enters the id.
 TRAINING_OPTIONS = ("lora_dropout", "lr_scheduler", "lr_warmup_steps", "lr_cycles", "gradient_accumulation_steps",
                     "min_snr_gamma", "noise_offset", "mixed_precision", "gradient_checkpointing", "optimizer",
                     "train_text_encoder", "text_encoder_lr", "validation_images", "buckets", "max_grad_norm",
-                    "clip_skip")
+                    "clip_skip", "prior_preservation", "network", "lokr_factor", "conv_rank", "conv_alpha")
 LATER_RUN_OPTIONS: dict[str, tuple[object, ...]] = {
     **{name: (TrainingRunSpec.model_fields[name].default,) for name in TRAINING_OPTIONS},
     "cache": ("disk", "memory"),
 }
+LATER_DATASET_OPTIONS: dict[str, tuple[object, ...]] = {"caption_dropout": (0.0,), "shuffle_tags": (False,),
+                                                        "keep_tokens": (0,)}
 # The same for render jobs and images. "auto" precision and no extra LoRAs are the jobs from before
 # those options; an image rendered in fp32 keeps its id whether "auto" or "fp32" asked for it.
 # A1111 prompt syntax only changes prompts that use it or may be longer than one chunk; for the rest
 # it is "plain", what every image was before the option existed (prompt_syntax_in_effect).
+# Clip skip 1 and no caption prompts: every job and image before those options. A caption prompt's image
+# names its source image too, so one caption on two images (or equal to a spec prompt) stays two images.
 LATER_RENDER_OPTIONS: dict[str, tuple[object, ...]] = {"extra_loras": ([],), "precision": ("auto",),
-                                                       "prompt_syntax": ("plain",)}
-LATER_IMAGE_OPTIONS: dict[str, tuple[object, ...]] = {"extra_loras": ([],), "precision": ("auto", "fp32"),
-                                                      "prompt_syntax": ("plain",)}
+                                                       "prompt_syntax": ("plain",), "clip_skip": ([1],),
+                                                       "caption_prompts": ([],)}
 
 
 def run_content_id(fields: dict[str, object], model: BaseModelSpec, dataset: DatasetSpec) -> str:
@@ -201,7 +248,10 @@ def run_content_id(fields: dict[str, object], model: BaseModelSpec, dataset: Dat
     identity = {k: v for k, v in fields.items() if k not in NOT_IN_RUN_ID and k not in LATER_RUN_OPTIONS}
     identity = with_later_options(identity, {k: fields[k] for k in LATER_RUN_OPTIONS}, LATER_RUN_OPTIONS)
     identity["base_model"] = model.model_dump(exclude={"name"})
-    identity["dataset"] = {"trigger_word": dataset.trigger_word}
+    # Caption options change what training sees without changing the files the fingerprint hashes.
+    caption_options = {k: getattr(dataset, k) for k in LATER_DATASET_OPTIONS}
+    identity["dataset"] = with_later_options({"trigger_word": dataset.trigger_word}, caption_options,
+                                             LATER_DATASET_OPTIONS)
     return content_id(jsonable(identity), 10)
 
 
@@ -234,10 +284,11 @@ def _training_options(t: TrainingSpec, settings: dict[str, object], preset: Memo
 
 def render_jobs(
     spec: SweepSpec, model_paths: dict[str, str], checkpoints: list[CheckpointRef], runs: list[TrainingRunSpec],
-    dataset_path: str,
+    dataset_path: str, caption_prompts: tuple[CaptionPrompt, ...] = (),
 ) -> list[RenderJobSpec]:
-    """A baseline job per base model, then one job per checkpoint of that model's runs."""
+    """A baseline job per base model, then one job per checkpoint of that model's runs (+ caption prompts)."""
     model_of_run = {r.run_id: r.base_model for r in runs}
+    run_of = {r.run_id: r for r in runs}
     r = spec.render
     grid = dict(
         prompts=spec.prompt_texts(),
@@ -266,9 +317,8 @@ def render_jobs(
             if ckpt is not None and not weights:
                 continue
             identity = {"model": model.model_dump(), "ckpt": ckpt and ckpt.checkpoint_id, "w": weights, **grid}
-            later = {"extra_loras": [x.model_dump(exclude={"path"}) for x in extras], "precision": r.precision,
-                     "prompt_syntax": prompt_syntax_in_effect(r.prompt_syntax, grid["prompts"], r.negative_prompt)}
-            identity = with_later_options(identity, later, LATER_RENDER_OPTIONS)
+            identity = with_later_options(identity, render_later_options(spec, extras, caption_prompts),
+                                          LATER_RENDER_OPTIONS)
             tag = f"{model.name}-baseline" if ckpt is None else ckpt.checkpoint_id
             render_id = f"{tag}-{content_id(jsonable(identity), 10)}"
             baseline_id = baseline_id or render_id
@@ -284,58 +334,28 @@ def render_jobs(
                     baseline_render_id=None if ckpt is None else baseline_id,
                     extra_loras=extras,
                     precision=r.precision,
-                    prompt_syntax=r.prompt_syntax,
+                    prompt_syntax=r.prompt_syntax, clip_skips=r.clip_skip, caption_prompts=caption_prompts,
                     **grid,
-                    **scoring,
+                    # a checkpoint is scored against the dataset variant its run trained on
+                    **(scoring if ckpt is None else {**scoring, "dataset_path": run_of[ckpt.run_id].dataset_path,
+                                                     "dataset": run_of[ckpt.run_id].dataset}),
                 )
             )
     return jobs
+
+
+def render_later_options(spec: SweepSpec, extras: tuple[ExtraLoraRef, ...],
+                         caption_prompts: tuple[CaptionPrompt, ...]) -> dict[str, object]:
+    """A render job's options added after the first jobs were rendered (LATER_RENDER_OPTIONS)."""
+    r = spec.render
+    texts = [*spec.prompt_texts(), *(c.prompt for c in caption_prompts)]
+    return {"extra_loras": [x.model_dump(exclude={"path"}) for x in extras], "precision": r.precision,
+            "prompt_syntax": prompt_syntax_in_effect(r.prompt_syntax, texts, r.negative_prompt),
+            "clip_skip": list(r.clip_skip),
+            "caption_prompts": [c.model_dump(exclude={"source_path"}) for c in caption_prompts]}
 
 
 def extra_lora_refs(spec: SweepSpec) -> tuple[ExtraLoraRef, ...]:
     """The spec's extra LoRAs with their files' sha256 (a changed file re-renders, a moved one does not)."""
     return tuple(ExtraLoraRef(name=x.name, path=x.path, weight=x.weight, sha256=file_sha256(x.path))
                  for x in spec.render.extra_loras)
-
-
-@dataclass(frozen=True)
-class Cell:
-    """One image of a render job's grid, before rendering."""
-
-    sampler: str
-    steps: int
-    cfg_scale: float
-    lora_weight: float
-    prompt_index: int
-    prompt: str
-    seed: int
-
-
-def grid_cells(job: RenderJobSpec) -> list[Cell]:
-    """All cells in render order: prompts x seeds innermost, so they batch together."""
-    return [
-        Cell(sampler, steps, cfg, weight, pi, prompt, seed)
-        for weight, sampler, steps, cfg in itertools.product(job.lora_weights, job.samplers, job.steps, job.cfg_scales)
-        for (pi, prompt), seed in itertools.product(enumerate(job.prompts), job.seeds)
-    ]
-
-
-def prompt_syntax_in_effect(syntax: str, prompts: Sequence[str], negative_prompt: str) -> str:
-    """`syntax`, or "plain" when no prompt (nor the negative) can condition differently under it."""
-    if syntax == "plain" or not any(may_render_differently(p) for p in [*prompts, negative_prompt]):
-        return "plain"
-    return syntax
-
-
-def image_id(job: RenderJobSpec, cell: Cell) -> str:
-    """Identity of an image: everything that determines its pixels."""
-    ckpt = job.checkpoint.checkpoint_id if job.checkpoint else None
-    weight = cell.lora_weight if ckpt else 0.0
-    identity = {
-        "model": job.base_model.model_dump(), "checkpoint": ckpt, "sampler": cell.sampler, "steps": cell.steps,
-        "cfg": cell.cfg_scale, "weight": weight, "prompt": cell.prompt, "negative": job.negative_prompt,
-        "seed": cell.seed, "size": [job.width, job.height],
-    }
-    later = {"extra_loras": [[x.name, x.sha256, x.weight] for x in job.extra_loras], "precision": job.precision,
-             "prompt_syntax": prompt_syntax_in_effect(job.prompt_syntax, [cell.prompt], job.negative_prompt)}
-    return content_id(with_later_options(identity, later, LATER_IMAGE_OPTIONS))

@@ -97,3 +97,34 @@ def memory_preset(gib: float, family: Family = "sd15") -> MemoryPreset:
     return MemoryPreset(gib=gib, family=family, resolution=resolution, batch_size=batch,
                         gradient_checkpointing=checkpointing, mixed_precision=precision, rank=rank,
                         explanation="; ".join(reasons))
+
+
+def network_problems(network: str, lokr_factor: int, lora_dropout: float) -> list[str]:
+    """What the adapter type (training.network) cannot combine with: lokr_factor outside LoKr, LoRA dropout
+    with LoHa/LoKr (peft's have no input dropout)."""
+    problems = []
+    if lokr_factor == 0 or (lokr_factor != -1 and network != "lokr"):
+        problems.append(f"lokr_factor {lokr_factor} " + ("is not a factor" if lokr_factor == 0 else
+                        f"only applies with network = 'lokr' (network is {network!r})")
+                        + "; allowed: -1 (automatic) or a factor of 1 or more, with network = 'lokr'")
+    if lora_dropout and network in ("loha", "lokr"):
+        problems.append(f"lora_dropout {lora_dropout} does not apply to network {network!r}; "
+                        "allowed: lora_dropout 0, or network 'lora' or 'dora'")
+    return problems
+
+
+# Last name part of the UNet's k x k convolutions (resnets' conv1/conv2, the down/upsamplers' conv, conv_in,
+# conv_out): the layers kohya's and LyCORIS' conv_dim / conv_alpha apply to. A 1 x 1 convolution (conv_shortcut)
+# takes the network's rank and alpha, as a linear layer does.
+SPATIAL_CONVS = ("conv1", "conv2", "conv", "conv_in", "conv_out")
+
+
+def conv_problems(conv_rank: int | None, conv_alpha: float | None, targets: tuple[str, ...]) -> list[str]:
+    """conv_rank / conv_alpha (LoCon) with target modules that hold no k x k convolution: they would change nothing."""
+    if (conv_rank is None and conv_alpha is None) or any(t.rsplit(".", 1)[-1] in SPATIAL_CONVS for t in targets):
+        return []
+    given = " and ".join(f"{name} {value}" for name, value in (("conv_rank", conv_rank), ("conv_alpha", conv_alpha))
+                         if value is not None)
+    return [(f"{given} only applies to convolution layers, and the target modules {list(targets)} have none; "
+             f"allowed: target_preset = 'locon', or target_modules naming a k x k convolution "
+             f"({', '.join(SPATIAL_CONVS)}), or leave conv_rank and conv_alpha out")]

@@ -13,87 +13,21 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BeforeValidator, Field, field_validator, model_validator
 
+from tasks.sweep.axes import DEFAULT_MAX_RUNS, TrainingConfig, Variant, split_axes, sweep_problems, training_configs
+from tasks.sweep.caption_prompts import caption_choice
+from tasks.sweep.dataset_spec import DatasetSpec
 from tasks.sweep.execution_spec import ExecutionSpec
-from tasks.sweep.fields import Frozen, PositiveInt, Seed, unique_values
+from tasks.sweep.fields import Frozen, PositiveInt, Seed, check_builtin, unique_values
 from tasks.sweep.ids import content_id
-from tasks.sweep.presets import TARGET_PRESETS
+from tasks.sweep.presets import TARGET_PRESETS, conv_problems, network_problems
+from tasks.sweep.prior_preservation import PriorPreservationSpec, class_prompt_problems
 from tasks.sweep.prompt_syntax import parse_prompt_attention
 from tasks.sweep.sampler_names import a1111_pair_problems, resolve_sampler
+from tasks.sweep.search_spec import SearchSpec, search_problems
 
 BUILTIN_PREFIX = "builtin:"
 BUILTIN_MODELS = ("tiny-sd15", "tiny-sd15-world", "tiny-sdxl")
-BUILTIN_DATASETS = ("demo-world",)
 TRIGGER_PLACEHOLDER = "{trigger}"
-
-class DatasetSpec(Frozen):
-    """Training images and where their captions come from (`source`), or `builtin:demo-world`.
-
-    Sources: `sidecar` (img.png + img.txt), `kohya` (`N_name/` repeat folders), `metadata_jsonl`
-    (`file_name` + `text`), `csv` (image column + caption column or template, optional row filter);
-    `auto` (default): kohya when the folder holds `N_name` repeat folders and no images of its own,
-    else sidecar. `on_bad_file`: a damaged or too-small image, or a missing caption, stops the sweep
-    (`error`) or is left out and listed (`skip`).
-    """
-
-    path: str
-    trigger_word: str = Field(min_length=1)
-    source: Literal["auto", "sidecar", "kohya", "metadata_jsonl", "csv"] = "auto"
-    on_bad_file: Literal["error", "skip"] = "error"
-    caption_extension: str = Field(default=".txt", pattern=r"^\.[A-Za-z0-9]+$")
-    min_images: PositiveInt = 1
-    metadata_file: str = Field(default="metadata.jsonl", min_length=1)
-    csv_file: str | None = Field(default=None, min_length=1)
-    csv_image_column: str = Field(default="image", min_length=1)
-    csv_caption_column: str | None = Field(default=None, min_length=1)
-    caption_template: str | None = Field(default=None, min_length=1)
-    csv_filter: dict[str, tuple[str, ...]] = Field(default_factory=dict)
-    prefix_trigger: bool = False
-    caption_dropout: float = Field(default=0.0, ge=0.0, le=1.0)
-    shuffle_tags: bool = False
-    keep_tokens: int = Field(default=0, ge=0)
-    captioner: str | None = None
-
-    @field_validator("path")
-    @classmethod
-    def _builtin_known(cls, value: str) -> str:
-        _check_builtin(value, BUILTIN_DATASETS)
-        return value
-
-    @field_validator("trigger_word")
-    @classmethod
-    def _one_word(cls, value: str) -> str:
-        if any(ch.isspace() for ch in value):
-            raise ValueError("the trigger word must be one token without spaces, e.g. 'zqx' or 'sks_style'")
-        return value
-
-    @field_validator("captioner")
-    @classmethod
-    def _known_captioner(cls, value: str | None) -> str | None:
-        if value is not None and not (value.startswith("blip:") and len(value) > len("blip:")):
-            raise ValueError("allowed: 'blip:<local folder with a BLIP captioning model>'; nothing is downloaded")
-        return value
-
-    @model_validator(mode="after")
-    def _source_fields_agree(self) -> DatasetSpec:
-        problems = []
-        if self.path.startswith(BUILTIN_PREFIX) and self.source not in ("auto", "sidecar"):
-            problems.append(f"{self.path} is a sidecar dataset; source {self.source!r} needs a folder path")
-        csv_only = {"csv_file": self.csv_file, "csv_caption_column": self.csv_caption_column,
-                    "caption_template": self.caption_template, "csv_filter": self.csv_filter or None}
-        if self.source != "csv":
-            problems += [f"{k} = {v!r} is only used with source = 'csv' (source is {self.source!r})"
-                         for k, v in csv_only.items() if v is not None]
-        elif self.csv_file is None:
-            problems.append("source = 'csv' needs csv_file = '<file relative to dataset.path>'")
-        if self.source == "csv" and (self.csv_caption_column is None) == (self.caption_template is None):
-            problems.append("source = 'csv' needs exactly one of csv_caption_column or caption_template, "
-                            "e.g. caption_template = 'a painting by {artist}, {title}'")
-        if self.keep_tokens and not self.shuffle_tags:
-            problems.append(f"keep_tokens = {self.keep_tokens} only applies with shuffle_tags = true")
-        if problems:
-            raise ValueError("; ".join(problems))
-        return self
-
 
 class BaseModelSpec(Frozen):
     """A base model: a diffusers folder, a single .safetensors file (+ config folder), or builtin."""
@@ -105,7 +39,7 @@ class BaseModelSpec(Frozen):
     @field_validator("path")
     @classmethod
     def _builtin_known(cls, value: str) -> str:
-        _check_builtin(value, BUILTIN_MODELS)
+        check_builtin(value, BUILTIN_MODELS)
         return value
 
 
@@ -157,6 +91,14 @@ class TrainingSpec(Frozen):
     max_grad_norm: float | None = Field(default=None, gt=0)
     # A1111's "Clip skip": N conditions on the text encoder's N-th layer from the end (1: the last). SD1.x only.
     clip_skip: int = Field(default=1, ge=1, le=12)
+    # DreamBooth prior preservation: class images by the base model, trained beside the instance images.
+    prior_preservation: PriorPreservationSpec | None = None
+    # The adapter type: LoRA, DoRA, LoHa or LoKr (tasks.lora.networks; sweep.presets.network_problems).
+    network: Literal["lora", "dora", "loha", "lokr"] = "lora"
+    lokr_factor: int = Field(default=-1, ge=-1)  # LoKr's split of each dimension; -1: near its square root
+    # LoCon: the k x k convolutions' own rank and alpha (kohya's conv_dim / conv_alpha); None: the run's rank, alpha.
+    conv_rank: PositiveInt | None = None
+    conv_alpha: float | None = Field(default=None, gt=0)
 
     @field_validator("ranks", "checkpoint_steps")
     @classmethod
@@ -190,6 +132,8 @@ class TrainingSpec(Frozen):
                             f"allowed: a multiple of 8 up to {self.resolution}")
         if self.cache_dir is not None and self.cache != "disk":
             problems.append(f"cache_dir {self.cache_dir!r} only applies with cache = 'disk' (cache is {self.cache!r})")
+        problems += network_problems(self.network, self.lokr_factor, self.lora_dropout)
+        problems += conv_problems(self.conv_rank, self.conv_alpha, self.lora_targets())
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -282,8 +226,12 @@ class RenderSpec(Frozen):
     # "a1111": (x), [x], (x:1.3), BREAK and prompts longer than 75 tokens (in 75-token chunks) as in
     # AUTOMATIC1111; "plain": the text as written, cut at CLIP's 77 tokens (diffusers' own behaviour).
     prompt_syntax: Literal["a1111", "plain"] = "a1111"
+    # A1111's "Clip skip", an axis: the text encoder's N-th layer from the end (1: the last); SD1.x only.
+    clip_skip: tuple[Annotated[int, Field(ge=1, le=12)], ...] = Field(default=(1,), min_length=1)
+    # Training captions as prompts, each scored against its own image: "all" or N (tasks.sweep.caption_prompts).
+    caption_prompts: Annotated[Literal["all"] | int | None, BeforeValidator(caption_choice)] = None
 
-    @field_validator("seeds", "steps", "lora_weights", "cfg_scales", "prompts")
+    @field_validator("seeds", "steps", "lora_weights", "cfg_scales", "prompts", "clip_skip")
     @classmethod
     def _no_repeats(cls, value: tuple, info: Any) -> tuple:
         return unique_values(value, info.field_name)
@@ -330,22 +278,73 @@ class MetricsSpec(Frozen):
 
 
 class SweepSpec(Frozen):
-    """A whole sweep: dataset, base models, training axes and the render grid."""
+    """A whole sweep: dataset(s), base models, training axes and variants, and the render grid.
+
+    `[training]` options given as lists become `training_axes` (the training section keeps each at
+    its first value) and `[[training.variants]]` becomes `training_variants` (tasks.sweep.axes).
+    """
 
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     output_dir: str = "outputs"
     dataset: DatasetSpec
+    datasets: tuple[Variant, ...] = ()  # named variants of `dataset`: other captions, repeats, caption options
     base_models: tuple[BaseModelSpec, ...] = Field(min_length=1)
     training: TrainingSpec
+    training_axes: dict[str, tuple[Any, ...]] = Field(default_factory=dict)
+    training_variants: tuple[Variant, ...] = ()
+    max_runs: PositiveInt = DEFAULT_MAX_RUNS  # a product of axes above it is refused with its counts
     render: RenderSpec
     metrics: MetricsSpec = MetricsSpec()
     execution: ExecutionSpec = ExecutionSpec()
+    search: SearchSpec = SearchSpec()  # grid (every run to max_steps) or successive halving (search_spec.py)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _split_training(cls, data: Any) -> Any:
+        """Lists in `[training]` -> training_axes; `[[training.variants]]` -> training_variants."""
+        if not isinstance(data, dict) or not isinstance(data.get("training"), dict):
+            return data
+        base, axes = split_axes(data["training"], TrainingSpec)
+        variants = base.pop("variants", None)
+        data = {**data, "training": base}
+        if axes:
+            data["training_axes"] = {**data.get("training_axes", {}), **axes}
+        if variants is not None:
+            data["training_variants"] = variants
+        return data
 
     @field_validator("base_models")
     @classmethod
     def _unique_names(cls, value: tuple[BaseModelSpec, ...]) -> tuple[BaseModelSpec, ...]:
         unique_values(tuple(m.name for m in value), "base model names")
         return value
+
+    @model_validator(mode="after")
+    def _axes_valid(self) -> SweepSpec:
+        """Every axis value, variant and dataset variant checked, and the product counted against max_runs,
+        before anything is planned (tasks.sweep.axes.sweep_problems)."""
+        problems = sweep_problems(self, TrainingSpec, DatasetSpec)
+        if problems:
+            raise ValueError("\n".join(problems))
+        return self
+
+    @model_validator(mode="after")
+    def _search_valid(self) -> SweepSpec:
+        """A halving search's rungs, keep and metric against the runs (after the axes: it counts them)."""
+        if problems := search_problems(self):
+            raise ValueError("\n".join(problems))
+        return self
+
+    def training_configs(self) -> list[TrainingConfig]:
+        """Every training configuration: variants (or the base) x the axes' product, in spec order."""
+        return training_configs(self.training, self.training_axes, self.training_variants)
+
+    def dataset_specs(self) -> tuple[tuple[str | None, DatasetSpec], ...]:
+        """(name, dataset) per dataset variant; `(None, dataset)` when the spec names none."""
+        if not self.datasets:
+            return ((None, self.dataset),)
+        base = self.dataset.model_dump(include=self.dataset.model_fields_set)
+        return tuple((v.name, DatasetSpec.model_validate({**base, **v.overrides})) for v in self.datasets)
 
     @model_validator(mode="after")
     def _prompts_use_trigger(self) -> SweepSpec:
@@ -358,17 +357,20 @@ class SweepSpec(Frozen):
             )
         return self
 
+    @model_validator(mode="after")
+    def _class_prompt_without_trigger(self) -> SweepSpec:
+        if problems := [p for c in self.training_configs()
+                        for p in class_prompt_problems(c.training.prior_preservation, self.dataset.trigger_word)]:
+            raise ValueError("; ".join(dict.fromkeys(problems)))
+        return self
+
     def prompt_texts(self) -> tuple[str, ...]:
         """Prompts with `{trigger}` filled in."""
         return tuple(p.replace(TRIGGER_PLACEHOLDER, self.dataset.trigger_word) for p in self.render.prompts)
 
     def sweep_id(self) -> str:
-        return content_id(self.model_dump(mode="json", exclude={"execution"}))
-
-
-def _check_builtin(value: str, allowed: tuple[str, ...]) -> None:
-    if value.startswith(BUILTIN_PREFIX) and value[len(BUILTIN_PREFIX) :] not in allowed:
-        names = ", ".join(BUILTIN_PREFIX + a for a in allowed)
-        raise ValueError(f"unknown builtin {value!r}; allowed builtins: {names}")
-
-
+        """Content id of the spec; the sections a spec without axes, variants or a run limit leaves at their
+        defaults are left out, so such a spec keeps the id it had before they existed."""
+        quiet = {k for k in ("datasets", "training_axes", "training_variants", "max_runs", "search")
+                 if getattr(self, k) == type(self).model_fields[k].get_default(call_default_factory=True)}
+        return content_id(self.model_dump(mode="json", exclude={"execution", *quiet}))

@@ -23,11 +23,12 @@ import numpy as np
 import torch
 from diffusers import DDPMScheduler
 from diffusers.optimization import get_scheduler
-from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
+from peft import inject_adapter_in_model, set_peft_model_state_dict
 from tqdm.auto import tqdm
 
 from tasks.data.captions import training_caption
 from tasks.data.dataset import DatasetItem, crop_sizes
+from tasks.lora.networks import adapter_config, spatial_convs
 from tasks.models.base_model import MODEL_BUILD_LOCK
 from tasks.models.text_conditioning import encode_captions, text_encoders
 from tasks.sweep.plan import TrainingRunSpec
@@ -49,6 +50,7 @@ class TrainingHistory:
     losses: list[float] = field(default_factory=list)
     learning_rates: list[float] = field(default_factory=list)
     grad_norms: list[float | None] = field(default_factory=list)  # total LoRA gradient norm before clipping
+    prior_losses: list[float | None] = field(default_factory=list)  # the class images' loss; None without them
     trainable_params: int = 0
 
 
@@ -72,14 +74,37 @@ class TrainState:
     autocast: AbstractContextManager
     first_step: int
     encode_text: bool  # the text encoder runs every step (it trains, or captions change per step)
+    prior: PriorSet | None = None  # prior preservation's class images (training.prior_preservation)
+
+
+@dataclass
+class PriorSet:
+    """Prior preservation's class images, encoded as the training set is, their caption and their loss weight."""
+
+    caption: str
+    encoded: TrainingEncodings
+    weight: float
+
+
+@dataclass
+class Draw:
+    """One step's examples from one image set: which ones, their captions, clean latents, noise and timesteps."""
+
+    encoded: TrainingEncodings
+    index: torch.Tensor
+    captions: list[str]
+    clean: torch.Tensor
+    noise: torch.Tensor
+    timesteps: torch.Tensor
 
 
 CheckpointCallback = Callable[[int, dict, TrainingHistory], None]
 
 
-def setup(pipe, run: TrainingRunSpec, items: list[DatasetItem], *, device: str, resume: dict | None = None
-          ) -> TrainState:
-    """Freeze the model, encode the training set, add the LoRA adapters and build the optimizer.
+def setup(pipe, run: TrainingRunSpec, items: list[DatasetItem], *, device: str, resume: dict | None = None,
+          class_items: list[DatasetItem] | None = None) -> TrainState:
+    """Freeze the model, encode the training set (and prior preservation's `class_items`), add the LoRA
+    adapters and build the optimizer.
 
     With `resume` (a saved training state) the adapters, optimizer, schedule and RNG continue after
     that step, so the run ends with exactly the weights an uninterrupted run would have.
@@ -98,6 +123,7 @@ def setup(pipe, run: TrainingRunSpec, items: list[DatasetItem], *, device: str, 
     sizes = crop_sizes(items, run.resolution, run.bucket_step if run.buckets else None)
     encoded = encode_training_set(items, sizes, vae, encoders, tokenizers, generator, device, mode=run.cache,
                                   cache_dir=run.cache_dir, clip_skip=run.clip_skip)
+    prior = encode_prior(run, class_items, vae, encoders, tokenizers, device) if class_items else None
 
     # Mixed precision: frozen weights are held in the half dtype (half the memory); the LoRA weights
     # and their optimizer state stay fp32, and autocast runs the forward passes in the half dtype.
@@ -129,18 +155,32 @@ def setup(pipe, run: TrainingRunSpec, items: list[DatasetItem], *, device: str, 
         noise_scheduler=noise_scheduler, trained_encoders=trained_encoders, params=params, optimizer=optimizer,
         lr_schedule=lr_schedule, scaler=scaler, first_step=first_step,
         autocast=torch.autocast("cuda" if device == "cuda" else "cpu", dtype=half, enabled=half is not None),
-        encode_text=per_step_captions or run.train_text_encoder or encoded.text_every_step,
+        encode_text=per_step_captions or run.train_text_encoder or encoded.text_every_step, prior=prior,
     )
 
 
+def encode_prior(run: TrainingRunSpec, class_items: list[DatasetItem], vae, encoders: list, tokenizers: list,
+                 device: str) -> PriorSet:
+    """The class images encoded like the training set (same cache mode and folder). Their latents are drawn
+    from a generator of their own (seed + 1), so the training set's encodings and a step's first draws are
+    those of the same run without prior preservation; the class batches are then drawn after the instance
+    batches from the run's generator."""
+    prior = run.prior_preservation
+    sizes = crop_sizes(class_items, run.resolution, run.bucket_step if run.buckets else None)
+    own = torch.Generator(device="cpu").manual_seed(run.seed + 1)
+    encoded = encode_training_set(class_items, sizes, vae, encoders, tokenizers, own, device, mode=run.cache,
+                                  cache_dir=run.cache_dir, clip_skip=run.clip_skip)
+    return PriorSet(prior.class_prompt, encoded, prior.prior_loss_weight)
+
+
 def add_adapters(unet, trained_encoders: list, run: TrainingRunSpec) -> list[torch.nn.Parameter]:
-    """LoRA on the UNet's target modules (and the text encoders' attention); returns the fp32 trainables."""
-    lora = dict(r=run.rank, lora_alpha=run.alpha, lora_dropout=run.lora_dropout, init_lora_weights="gaussian")
-    with MODEL_BUILD_LOCK:
-        unet.add_adapter(LoraConfig(**lora, target_modules=list(run.target_modules)), adapter_name=ADAPTER)
+    """The run's adapter (LoRA, DoRA, LoHa or LoKr) on the UNet's target modules (and the text encoders'
+    attention); returns the fp32 trainables."""
+    with MODEL_BUILD_LOCK:  # the adapter type's peft config (tasks.lora.networks): LoRA, DoRA, LoHa or LoKr
+        convs = spatial_convs(unet, run.target_modules)  # LoCon's k x k convolutions (training.conv_rank/conv_alpha)
+        unet.add_adapter(adapter_config(run, run.target_modules, convs), adapter_name=ADAPTER)
         for encoder in trained_encoders:  # peft directly: transformers' add_adapter wants a newer peft
-            inject_adapter_in_model(LoraConfig(**lora, target_modules=list(TEXT_ENCODER_TARGETS)), encoder,
-                                    adapter_name=ADAPTER)
+            inject_adapter_in_model(adapter_config(run, TEXT_ENCODER_TARGETS), encoder, adapter_name=ADAPTER)
     params = [p for module in (unet, *trained_encoders) for p in module.parameters() if p.requires_grad]
     for param in params:
         param.data = param.data.float()
@@ -156,51 +196,65 @@ def param_groups(unet, trained_encoders: list, run: TrainingRunSpec) -> list[dic
     return groups
 
 
-def train_step(state: TrainState, step: int) -> tuple[float, float]:
-    """One optimizer step over `batch_size x gradient_accumulation_steps` examples; returns its loss and the
-    LoRA gradients' total norm before clipping (`max_grad_norm`)."""
-    run, unet = state.run, state.pipe.unet
+def train_step(state: TrainState, step: int) -> tuple[float, float, float | None]:
+    """One optimizer step over `batch_size x gradient_accumulation_steps` examples; returns its loss, the LoRA
+    gradients' total norm before clipping (`max_grad_norm`) and, with prior preservation, the class images'
+    loss (the step then also trains on as many class images; the loss it minimises is loss +
+    prior_loss_weight x class loss, as diffusers' DreamBooth script)."""
+    run = state.run
     micro, accumulation = run.batch_size, run.gradient_accumulation_steps
     batch = micro * accumulation
     # Everything random in a step is drawn first, for the whole accumulated batch, so batch 2 x
     # 2 accumulation steps sees exactly the examples, noise and timesteps of batch 4.
     repeats = torch.tensor([item.repeats for item in state.items], dtype=torch.float)
     index = draw_examples(repeats, state.sizes, batch, state.generator)
-    captions = step_captions(state, index.tolist(), step)
-    clean = state.encoded.latents_for(index.tolist(), state.pipe.vae, state.generator, state.device)
-    noise = sample_noise(clean.shape, state.generator, run.noise_offset)
-    scheduler = state.noise_scheduler
-    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), generator=state.generator)
+    draws = [draw_batch(state, state.encoded, index, step_captions(state, index.tolist(), step))]
+    if state.prior is not None:  # the class images' batch, drawn after the instance batch
+        class_index = torch.randint(0, len(state.prior.encoded.sizes), (batch,), generator=state.generator)
+        draws.append(draw_batch(state, state.prior.encoded, class_index, [state.prior.caption] * batch))
 
     state.optimizer.zero_grad(set_to_none=True)
-    step_loss = 0.0
+    step_losses = [0.0] * len(draws)
     for part in range(accumulation):
         rows = slice(part * micro, (part + 1) * micro)
-        t, clean_part = timesteps[rows].to(state.device), clean[rows].to(state.device)
-        noise_part = noise[rows].to(state.device)
-        noisy = scheduler.add_noise(clean_part, noise_part, t)
-        if scheduler.config.prediction_type == "v_prediction":
-            target = scheduler.get_velocity(clean_part, noise_part, t)
-        else:
-            target = noise_part
-        with state.autocast:
-            condition = state.encoded.text.select(index[rows])
-            if state.encode_text:
-                encoders, tokenizers = text_encoders(state.pipe)
-                condition = condition.with_text(*encode_captions(captions[rows], encoders, tokenizers, state.device,
-                                                                 grad=run.train_text_encoder,
-                                                                 clip_skip=run.clip_skip))
-            prediction = unet(noisy, t, **condition.unet_kwargs(state.device)).sample
-        loss = diffusion_loss(prediction, target, t, scheduler, run.min_snr_gamma)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss became {loss.item()} at step {step}; lower training.learning_rate")
-        state.scaler.scale(loss / accumulation).backward()  # gradients of the mean over the whole batch
-        step_loss += loss.item() / accumulation
+        for i, drawn in enumerate(draws):
+            loss = micro_batch_loss(state, drawn, rows, step)
+            # Gradients of the mean over the whole batch; the class images' weighted by prior_loss_weight.
+            scaled = loss / accumulation if i == 0 else loss * (state.prior.weight / accumulation)
+            state.scaler.scale(scaled).backward()
+            step_losses[i] += loss.item() / accumulation
     state.scaler.unscale_(state.optimizer)  # fp16: measure and clip the true gradients (a no-op otherwise)
     grad_norm = clip_gradients(state.params, run.max_grad_norm)
     state.scaler.step(state.optimizer)  # with fp16: skipped when gradients overflowed, and the scale lowered
     state.scaler.update()
-    return float(step_loss), grad_norm
+    return float(step_losses[0]), grad_norm, float(step_losses[1]) if len(step_losses) > 1 else None
+
+
+def draw_batch(state: TrainState, encoded: TrainingEncodings, index: torch.Tensor, captions: list[str]) -> Draw:
+    """The examples' clean latents (cache off: a fresh posterior sample), then their noise and timesteps."""
+    clean = encoded.latents_for(index.tolist(), state.pipe.vae, state.generator, state.device)
+    noise = sample_noise(clean.shape, state.generator, state.run.noise_offset)
+    steps = state.noise_scheduler.config.num_train_timesteps
+    return Draw(encoded, index, captions, clean, noise, torch.randint(0, steps, (len(index),), generator=state.generator))
+
+
+def micro_batch_loss(state: TrainState, drawn: Draw, rows: slice, step: int) -> torch.Tensor:
+    """The diffusion loss of one micro-batch (`rows` of the step's draw), with gradients."""
+    run, scheduler = state.run, state.noise_scheduler
+    t, clean, noise = (x[rows].to(state.device) for x in (drawn.timesteps, drawn.clean, drawn.noise))
+    noisy = scheduler.add_noise(clean, noise, t)
+    target = scheduler.get_velocity(clean, noise, t) if scheduler.config.prediction_type == "v_prediction" else noise
+    with state.autocast:
+        condition = drawn.encoded.text.select(drawn.index[rows])
+        if state.encode_text:
+            encoders, tokenizers = text_encoders(state.pipe)
+            condition = condition.with_text(*encode_captions(drawn.captions[rows], encoders, tokenizers, state.device,
+                                                             grad=run.train_text_encoder, clip_skip=run.clip_skip))
+        prediction = state.pipe.unet(noisy, t, **condition.unet_kwargs(state.device)).sample
+    loss = diffusion_loss(prediction, target, t, scheduler, run.min_snr_gamma)
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"loss became {loss.item()} at step {step}; lower training.learning_rate")
+    return loss
 
 
 def clip_gradients(params: list[torch.nn.Parameter], max_norm: float | None) -> float:
@@ -225,14 +279,17 @@ def step_captions(state: TrainState, index: list[int], step: int) -> list[str]:
 
 
 def train_loop(state: TrainState, on_checkpoint: CheckpointCallback | None = None) -> TrainingHistory:
-    """Steps from `state.first_step` to `max_steps`; `on_checkpoint(step, loop_state, history)` at every
-    checkpoint step. Returns the losses, learning rates and gradient norms of the steps taken."""
+    """Steps from `state.first_step` to `max_steps` (or the run's `stop_at` checkpoint step); `on_checkpoint(step,
+    loop_state, history)` at every checkpoint step. Returns the losses, learning rates and gradient norms of the
+    steps taken."""
     run = state.run
     history = TrainingHistory(trainable_params=sum(p.numel() for p in state.params))
-    progress = tqdm(range(state.first_step, run.max_steps + 1), desc=f"train {run.run_id}", leave=False)
+    last = run.max_steps if run.stop_at is None else run.stop_at
+    progress = tqdm(range(state.first_step, last + 1), desc=f"train {run.run_id}", leave=False)
     for step in progress:
-        loss, grad_norm = train_step(state, step)
+        loss, grad_norm, prior_loss = train_step(state, step)
         history.grad_norms.append(grad_norm)
+        history.prior_losses.append(prior_loss)
         history.learning_rates.append(state.optimizer.param_groups[0]["lr"])
         state.lr_schedule.step()
         history.losses.append(loss)
@@ -251,9 +308,10 @@ def train_loop(state: TrainState, on_checkpoint: CheckpointCallback | None = Non
 
 
 def fit_lora(pipe, run: TrainingRunSpec, items: list[DatasetItem], *, device: str,
-             on_checkpoint: CheckpointCallback | None = None, resume: dict | None = None) -> TrainingHistory:
+             on_checkpoint: CheckpointCallback | None = None, resume: dict | None = None,
+             class_items: list[DatasetItem] | None = None) -> TrainingHistory:
     """Add LoRA adapters to `pipe` and train them in place: `setup` then `train_loop`."""
-    return train_loop(setup(pipe, run, items, device=device, resume=resume), on_checkpoint)
+    return train_loop(setup(pipe, run, items, device=device, resume=resume, class_items=class_items), on_checkpoint)
 
 
 def draw_examples(repeats: torch.Tensor, sizes: list[tuple[int, int]], batch: int,

@@ -38,7 +38,10 @@ class TrainingResult:
 
 
 def already_done(run: TrainingRunSpec, layout: SweepLayout) -> bool:
-    """The run's row says completed and every checkpoint folder is complete."""
+    """The run's row says completed and every checkpoint folder is complete; for a run asked to stop early
+    (`stop_at`), its checkpoint at that step is complete and recorded, whatever the run did after."""
+    if stops_early(run):
+        return stop_reached(run, layout)
     row_file = layout.row_file("runs", run.run_id)
     if row_file is None:
         return False
@@ -48,16 +51,35 @@ def already_done(run: TrainingRunSpec, layout: SweepLayout) -> bool:
     )
 
 
+def stops_early(run: TrainingRunSpec) -> bool:
+    return run.stop_at is not None and run.stop_at < run.max_steps
+
+
+def stop_reached(run: TrainingRunSpec, layout: SweepLayout) -> bool:
+    """The checkpoint at the run's `stop_at` step is complete and its `checkpoints` row written."""
+    if run.stop_at is None or not checkpoint_complete(layout.checkpoint_dir(run.run_id, run.stop_at)):
+        return False
+    rows = layout.row_file("checkpoints", run.run_id)
+    return rows is not None and run.stop_at in pq.read_table(rows, columns=["step"]).column("step").to_pylist()
+
+
+def finished_status(run: TrainingRunSpec) -> str:
+    """The `runs` status of a training call that ended well: "stopped" at an early `stop_at`, else "completed"."""
+    return "stopped" if stops_early(run) else "completed"
+
+
 def completed(run: TrainingRunSpec, layout: SweepLayout) -> TrainingResult:
-    """The result of a finished run, read from its folders."""
-    return TrainingResult(run.run_id, "completed", checkpoint_refs(run, layout))
+    """The result of a finished run (or of one stopped at its `stop_at`), read from its folders."""
+    return TrainingResult(run.run_id, finished_status(run), checkpoint_refs(run, layout))
 
 
 def checkpoint_refs(run: TrainingRunSpec, layout: SweepLayout) -> tuple[CheckpointRef, ...]:
+    """The run's checkpoints (up to its `stop_at` step when it stops early)."""
+    last = run.stop_at if stops_early(run) else run.max_steps
     return tuple(
         CheckpointRef(run_id=run.run_id, checkpoint_id=checkpoint_id(run.run_id, s), step=s, rank=run.rank,
                       lora_dir=str(layout.checkpoint_dir(run.run_id, s)))
-        for s in run.checkpoint_steps
+        for s in run.checkpoint_steps if s <= last
     )
 
 
@@ -111,8 +133,19 @@ def write_run_row(run: TrainingRunSpec, layout: SweepLayout, started: datetime, 
         "memory_preset_gib": run.memory_preset.gib if run.memory_preset else None,
         "buckets": run.buckets, "bucket_step": run.bucket_step if run.buckets else None, "encoding_cache": run.cache,
         "skipped_files": stats.get("skipped_files"), "max_grad_norm": run.max_grad_norm, "clip_skip": run.clip_skip,
+        "variant": run.variant, "dataset_name": run.dataset_name,
+        **prior_preservation_columns(run),
+        "network": run.network, "network_args": stats.get("network_args"),  # as the kohya file's ss_network_args
     }
     write_row_somewhere(row, layout, run.run_id)
+
+
+def prior_preservation_columns(run: TrainingRunSpec) -> dict[str, object]:
+    """The runs row's prior preservation columns: NULL without it."""
+    prior = run.prior_preservation
+    return {"class_prompt": prior.class_prompt if prior else None,
+            "num_class_images": prior.num_class_images if prior else None,
+            "prior_loss_weight": prior.prior_loss_weight if prior else None}
 
 
 def write_row_somewhere(row: dict[str, object], layout: SweepLayout, run_id: str) -> Path:

@@ -24,10 +24,12 @@ POLL_INTERVAL_S = 2.0
 def train_via_deployment(run: TrainingRunSpec, deployment: str):
     """Run `deployment` with this run and wait; raise TrainingFailed unless its checkpoints exist after."""
     started = datetime.now(timezone.utc)
-    # The key makes a retried task find its flow run again instead of submitting a second one.
+    # The key makes a retried task find its flow run again instead of submitting a second one; an adaptive
+    # sweep's later rung (stop_at) is a new flow run of the same training run.
+    stop = f"@{run.stop_at}" if run.stop_at is not None else ""
     child = run_deployment(deployment, parameters={"run": run.model_dump(mode="json")}, timeout=None,
-                           poll_interval=POLL_INTERVAL_S, idempotency_key=f"{current.id}:{run.run_id}",
-                           flow_run_name=f"train-{run.run_id}", tags=["lora-sweep", "train-run"])
+                           poll_interval=POLL_INTERVAL_S, idempotency_key=f"{current.id}:{run.run_id}{stop}",
+                           flow_run_name=f"train-{run.run_id}{stop}", tags=["lora-sweep", "train-run"])
     layout = SweepLayout(Path(run.sweep_root))
     state = child.state
     if state is not None and state.is_completed():

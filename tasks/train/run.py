@@ -24,10 +24,12 @@ from tasks.data.sources import load_dataset
 from tasks.lora.export import save_checkpoint
 from tasks.lora.files import checkpoint_complete
 from tasks.lora.kohya_metadata import TrainingFacts
+from tasks.lora.networks import network_metadata
 from tasks.models.base_model import load_pipeline, model_family
 from tasks.models.text_conditioning import text_encoders
 from tasks.sweep.devices import torch_device
 from tasks.sweep.plan import TrainingRunSpec
+from tasks.train.class_images import ensure_class_images
 from tasks.train.loop import ADAPTER, TEXT_ENCODER_STATE_KEYS, TrainingHistory, fit_lora
 from tasks.train.records import (
     TrainingResult,
@@ -35,6 +37,7 @@ from tasks.train.records import (
     checkpoint_row,
     completed,
     error_text,
+    finished_status,
     record_failure,
     report_to_parent,
     write_run_row,
@@ -52,10 +55,13 @@ def train_lora(run: TrainingRunSpec) -> TrainingResult:
     if already_done(run, layout):
         log.info("run %s: finished earlier, skipping", run.run_id)
         return completed(run, layout)
+    if run.stop_at is not None and run.stop_at not in run.checkpoint_steps:
+        raise ValueError(f"run {run.run_id}: stop_at {run.stop_at} is not one of its checkpoint steps "
+                         f"{list(run.checkpoint_steps)}; allowed: one of them (training stops at a saved checkpoint)")
     started = datetime.now(timezone.utc)
     try:
         stats = _train(run, layout, started)
-        write_run_row(run, layout, started, status="completed", error=None, stats=stats)
+        write_run_row(run, layout, started, status=finished_status(run), error=None, stats=stats)
     except Exception as err:
         unrecorded = record_failure(run, layout, started, error_text(err))  # a full disk may refuse even this
         if unrecorded:
@@ -74,8 +80,10 @@ def _train(run: TrainingRunSpec, layout: SweepLayout, started: datetime) -> dict
                           captioner=captioner)
     items, held_out = split_validation(loaded.items, run.validation_images, run.seed)
     pipe = load_pipeline(run.base_model_path, config=run.base_model.config, device=device)
+    # Prior preservation: the base model renders the class images (once, cached) before any LoRA is added.
+    class_items = ensure_class_images(run, pipe, device) if run.prior_preservation else []
     prediction = pipe.scheduler.config.get("prediction_type", "epsilon")
-    facts = TrainingFacts(tuple(items), started, loaded.skipped, prediction)  # what the kohya metadata records
+    facts = TrainingFacts(tuple(items), started, loaded.skipped, prediction, tuple(class_items))  # for kohya metadata
     validation = prepare_validation(pipe, held_out, run.resolution, run.seed, device) if held_out else None
     resume = latest_training_state(run, layout)
     if resume:
@@ -88,12 +96,12 @@ def _train(run: TrainingRunSpec, layout: SweepLayout, started: datetime) -> dict
 
     def on_checkpoint(step: int, loop: dict, now: TrainingHistory) -> None:
         losses, learning_rates = before.losses + now.losses, before.learning_rates + now.learning_rates
-        grad_norms = before.grad_norms + now.grad_norms
+        grad_norms, prior_losses = before.grad_norms + now.grad_norms, before.prior_losses + now.prior_losses
         elapsed = elapsed_before + time.perf_counter() - t0
         row = checkpoint_row(run, layout, step, losses, elapsed)
         row["validation_loss"] = validation_loss(pipe, validation, device) if validation else None
         state = {"step": step, "lora": get_peft_model_state_dict(pipe.unet, adapter_name=ADAPTER), **loop,
-                 "losses": losses, "learning_rates": learning_rates, "grad_norms": grad_norms,
+                 "losses": losses, "learning_rates": learning_rates, "grad_norms": grad_norms, "prior_losses": prior_losses,
                  "checkpoint_rows": [*checkpoint_rows, row], "elapsed": elapsed}
         for key, encoder in zip(TEXT_ENCODER_STATE_KEYS, trained_encoders):
             state[key] = get_peft_model_state_dict(encoder, adapter_name=ADAPTER)
@@ -101,14 +109,10 @@ def _train(run: TrainingRunSpec, layout: SweepLayout, started: datetime) -> dict
                         training_state=state, facts=facts, text_encoders=trained_encoders, family=family)
         checkpoint_rows.append(row)
 
-    history = fit_lora(pipe, run, items, device=device, on_checkpoint=on_checkpoint, resume=resume)
+    history = fit_lora(pipe, run, items, device=device, on_checkpoint=on_checkpoint, resume=resume,
+                       class_items=class_items)
     wall = time.perf_counter() - t0
-    losses, learning_rates = before.losses + history.losses, before.learning_rates + history.learning_rates
-    grad_norms = before.grad_norms + history.grad_norms
-    loss_rows = [{"sweep_id": run.sweep_id, "run_id": run.run_id, "step": step, "loss": loss, "learning_rate": lr,
-                  "grad_norm": norm}
-                 for step, (loss, lr, norm) in enumerate(zip(losses, learning_rates, grad_norms, strict=True), start=1)]
-    write_rows("losses", loss_rows, layout.table_file("losses", run.run_id))
+    write_rows("losses", loss_rows(run, before, history), layout.table_file("losses", run.run_id))
     write_rows("checkpoints", checkpoint_rows, layout.table_file("checkpoints", run.run_id))
     steps_now = len(history.losses)
     return {
@@ -118,7 +122,17 @@ def _train(run: TrainingRunSpec, layout: SweepLayout, started: datetime) -> dict
         "num_images": len(items),
         "peak_memory_mb": peak_memory_mb(device),
         "skipped_files": list(loaded.skipped),
+        "network_args": network_metadata(run)["ss_network_args"],
     }
+
+
+def loss_rows(run: TrainingRunSpec, before: TrainingHistory, now: TrainingHistory) -> list[dict[str, object]]:
+    """One `losses` row per step: `loss` is the instance images' loss (what a run without prior preservation
+    minimises), `prior_loss` the class images' (NULL without prior preservation)."""
+    columns = zip(before.losses + now.losses, before.learning_rates + now.learning_rates,
+                  before.grad_norms + now.grad_norms, before.prior_losses + now.prior_losses, strict=True)
+    return [{"sweep_id": run.sweep_id, "run_id": run.run_id, "step": step, "loss": loss, "learning_rate": lr,
+             "grad_norm": norm, "prior_loss": prior} for step, (loss, lr, norm, prior) in enumerate(columns, start=1)]
 
 
 def latest_training_state(run: TrainingRunSpec, layout: SweepLayout) -> dict | None:
@@ -131,14 +145,15 @@ def latest_training_state(run: TrainingRunSpec, layout: SweepLayout) -> dict | N
 
 
 def resumed_history(run: TrainingRunSpec, resume: dict | None
-                    ) -> tuple[list[float], list[float], list[float | None]]:
-    """Losses, learning rates and gradient norms of the steps before a resume; states saved before LR
-    schedules existed ran at the constant learning rate, those before gradient norms were kept have none."""
+                    ) -> tuple[list[float], list[float], list[float | None], list[float | None]]:
+    """Losses, learning rates, gradient norms and class-image losses of the steps before a resume; states saved
+    before LR schedules existed ran at the constant learning rate, those saved before gradient norms or prior
+    preservation existed have none of those."""
     if not resume:
-        return [], [], []
+        return [], [], [], []
     losses = list(resume["losses"])
     return (losses, list(resume.get("learning_rates", [run.learning_rate] * len(losses))),
-            list(resume.get("grad_norms", [None] * len(losses))))
+            list(resume.get("grad_norms", [None] * len(losses))), list(resume.get("prior_losses", [None] * len(losses))))
 
 
 def resumed_checkpoint_rows(resume: dict | None) -> list[dict[str, object]]:
