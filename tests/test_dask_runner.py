@@ -30,11 +30,12 @@ KEYS = {"runs": "run_id", "checkpoints": "checkpoint_id", "losses": "run_id, ste
 
 
 def run_sweep(tmp: Path, name: str, execution: dict | None) -> dict:
-    """Both sweeps share one output_dir, so the builtin tiny model is built once."""
+    """Each sweep in its own output_dir: in one, the second would use the first one's runs and renders
+    (same content ids, flows/shared_work.py) instead of computing them."""
     from flows.lora_sweep import lora_sweep
 
     (tmp / name).mkdir()
-    data = small_sweep_data(tmp / "out", ranks=[4], checkpoint_steps=[6, 12])
+    data = small_sweep_data(tmp / name / "out", ranks=[4], checkpoint_steps=[6, 12])
     data["name"] = name
     data["render"].update(samplers=["Euler a"], steps=[2])
     if execution:

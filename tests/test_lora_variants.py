@@ -217,6 +217,11 @@ def test_each_type_trains_saves_reloads_and_resumes_bit_for_bit(tmp_path: Path, 
     tables = tmp_path / "small" / "tables"
     row = pq.read_table(tables / "runs" / f"{run.run_id}.parquet").to_pylist()[0]
     assert row["network"] == network and row["trainable_params"] == adapter_params(Path(inputs.model_paths[model]), run)
+    kohya_modules = {k.split(".")[0] for k in load_file(str(last / f"{run.run_id}-s12.safetensors"))}
+    if model == "tiny-sdxl":  # sd-scripts' sgm spelling, the one A1111 and ComfyUI map right for SDXL
+        unet = {m for m in kohya_modules if m.startswith("lora_unet_")}
+        assert unet and all(m.startswith(("lora_unet_input_blocks_", "lora_unet_middle_block_",
+                                          "lora_unet_output_blocks_")) for m in unet), sorted(unet)[:3]
 
     shutil.rmtree(last)  # as if the process died after the step-6 checkpoint
     for table in ("runs", "losses", "checkpoints"):

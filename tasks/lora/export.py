@@ -65,17 +65,19 @@ def save_checkpoint(run: TrainingRunSpec, unet, adapter: str, step: int, checkpo
         text_layers = {}
         for name, encoder, state in zip(("text_encoder", "text_encoder_2"), text_encoders, text_states):
             text_layers[f"{name}_lora_layers"] = state
-            text_layers[f"{name}_lora_adapter_metadata"] = encoder.peft_config[adapter].to_dict()
+            text_layers[f"{name}_lora_adapter_metadata"] = adapter_metadata(encoder.peft_config[adapter])
         pipeline_class.save_lora_weights(
             tmp, unet_lora_layers=unet_state, safe_serialization=True,
-            unet_lora_adapter_metadata=unet.peft_config[adapter].to_dict(), **text_layers,
+            unet_lora_adapter_metadata=adapter_metadata(unet.peft_config[adapter]), **text_layers,
         )
         if run.network == "lora":  # UNet modules named as sd-scripts names them (SDXL: input_blocks_4_1_...)
             kohya = kohya_state_dict(sd_scripts_unet_state(unet_state, unet.config, family), run.alpha, *text_states,
                                      conv_alpha=networks.conv_rank_alpha(run)[1])
-        else:  # DoRA, LoHa, LoKr: the LyCORIS layout (tasks.lora.networks)
-            parts = dict(zip(("unet", "text_encoder", "text_encoder_2"), (unet_state, *text_states)))
-            convs = dict.fromkeys(networks.spatial_convs(unet, run.target_modules), networks.conv_rank_alpha(run))
+        else:  # DoRA, LoHa, LoKr: the LyCORIS layout (tasks.lora.networks), SDXL in sd-scripts' spelling too
+            parts = dict(zip(("unet", "text_encoder", "text_encoder_2"),
+                             (sd_scripts_unet_state(unet_state, unet.config, family), *text_states)))
+            convs = dict.fromkeys(sd_scripts_unet_state(dict.fromkeys(networks.spatial_convs(unet, run.target_modules)),
+                                                        unet.config, family), networks.conv_rank_alpha(run))
             kohya = networks.kohya_state_dict(run.network, run.rank, run.alpha, parts, convs)
         metadata = with_hashes(kohya, kohya_metadata(run, step, family, facts))
         save_file(kohya, str(tmp / f"{checkpoint_id}.safetensors"), metadata=metadata)
@@ -138,3 +140,10 @@ def module_alpha(kohya: dict[str, torch.Tensor], module: str, alpha: float, conv
     spatial = down is not None and down.dim() == 4 and tuple(down.shape[2:]) != (1, 1)
     return conv_alpha if spatial and conv_alpha is not None else alpha
 
+
+
+def adapter_metadata(config) -> dict:
+    """peft's adapter config as the diffusers file stores it, with its sets as sorted lists: peft keeps
+    target_modules in a set, whose order changes between processes, so the same weights would otherwise
+    give files with different bytes."""
+    return {k: sorted(v) if isinstance(v, (set, frozenset)) else v for k, v in config.to_dict().items()}
