@@ -44,7 +44,8 @@ class BaseModelSpec(Frozen):
 
 
 class TrainingSpec(Frozen):
-    """LoRA training axes (ranks) and shared settings; one run per (base model x rank).
+    """One training configuration: ranks and every option (a list given for an option in TOML becomes an
+    axis, tasks.sweep.axes); one run per base model x rank of each configuration.
 
     Every option defaults to the plain loop: attention LoRA, constant learning rate, AdamW, fp32.
     `memory_preset_gib` fills resolution, batch_size, gradient_checkpointing, mixed_precision and
