@@ -40,6 +40,13 @@ class PipelineState:
     train_futures: dict[str, PrefectFuture] = field(default_factory=dict)
     render_futures: dict[str, PrefectFuture] = field(default_factory=dict)
     finished: set[str] = field(default_factory=set)  # ids of tasks that ended, either way
+    # Looked up on every poll and progress call: counted and indexed once.
+    cells: dict[str, int] = field(init=False)  # render id -> images in its grid
+    run_of: dict[str, TrainingRunSpec] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.cells = {j.render_id: len(grid_cells(j)) for j in self.jobs}
+        self.run_of = {r.run_id: r for r in self.runs}
 
     @property
     def runs_done(self) -> int:
@@ -47,12 +54,12 @@ class PipelineState:
 
     @property
     def images_done(self) -> int:
-        return sum(len(grid_cells(j)) for j in self.jobs if j.render_id in self.finished
+        return sum(self.cells[j.render_id] for j in self.jobs if j.render_id in self.finished
                    and self.render_futures[j.render_id].state.is_completed())
 
     @property
     def images_planned(self) -> int:
-        return sum(len(grid_cells(j)) for j in self.jobs)
+        return sum(self.cells.values())
 
     def submitted_jobs(self) -> list[RenderJobSpec]:
         return [j for j in self.jobs if j.render_id in self.render_futures]
@@ -105,7 +112,7 @@ def _ready(job: RenderJobSpec, state: PipelineState) -> bool:
         return True
     if job.baseline_render_id is not None and job.baseline_render_id not in state.finished:
         return False
-    run = next((r for r in state.runs if r.run_id == job.checkpoint.run_id), None)
+    run = state.run_of.get(job.checkpoint.run_id)
     if run is None or run.run_id not in state.train_futures:
         return False
     return checkpoint_complete(SweepLayout(Path(run.sweep_root)).checkpoint_dir(run.run_id, job.checkpoint.step))

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -134,34 +134,35 @@ def field_problems(model: type, data: dict[str, Any], only: str | None = None) -
     return []
 
 
+def combinations(training: Any, axes: Mapping[str, tuple[Any, ...]],
+                 variants: tuple[Variant, ...]) -> Iterator[tuple[Variant | None, dict[str, Any]]]:
+    """Each point of the training space in spec order: (its variant or None, the values it sets), variants
+    (or the base alone) x the axes' product."""
+    keys = list(axes)
+    for variant in variants or (None,):
+        overrides = variant.overrides if variant else {}
+        for combo in itertools.product(*(axes[k] for k in keys)):
+            yield variant, {**overrides, **dict(zip(keys, combo))}
+
+
 def training_configs(training: Any, axes: Mapping[str, tuple[Any, ...]],
                      variants: tuple[Variant, ...]) -> list[TrainingConfig]:
     """Every configuration the spec asks for, in spec order: variants (or the base alone) x the axes' product."""
     base_set = training.model_dump(include=training.model_fields_set)
-    keys = list(axes)
-    configs = []
-    for variant in variants or (None,):
-        overrides = variant.overrides if variant else {}
-        for combo in itertools.product(*(axes[k] for k in keys)):
-            values = {**overrides, **dict(zip(keys, combo))}
-            spec = type(training).model_validate({**base_set, **values}) if values else training
-            configs.append(TrainingConfig(variant.name if variant else None, values, spec))
-    return configs
+    return [TrainingConfig(variant.name if variant else None, values,
+                           type(training).model_validate({**base_set, **values}) if values else training)
+            for variant, values in combinations(training, axes, variants)]
 
 
 def combination_problems(training: Any, axes: Mapping[str, tuple[Any, ...]], variants: tuple[Variant, ...]) -> list[str]:
     """Options that are valid alone but disagree in a combination (e.g. lr_warmup_steps beyond a max_steps value)."""
     base_set = training.model_dump(include=training.model_fields_set)
-    keys = list(axes)
     problems: list[str] = []
-    for variant in variants or (None,):
-        overrides = variant.overrides if variant else {}
-        for combo in itertools.product(*(axes[k] for k in keys)):
-            values = {**overrides, **dict(zip(keys, combo))}
-            label = ", ".join(f"{k} = {v!r}" for k, v in values.items())
-            where = f"training ({'variant ' + repr(variant.name) + ': ' if variant else ''}{label})"
-            problems += [f"{where}: {p}" for p in field_problems(type(training), {**base_set, **values})
-                         if f"{where}: {p}" not in problems]
+    for variant, values in combinations(training, axes, variants):
+        label = ", ".join(f"{k} = {v!r}" for k, v in values.items())
+        where = f"training ({'variant ' + repr(variant.name) + ': ' if variant else ''}{label})"
+        problems += [f"{where}: {p}" for p in field_problems(type(training), {**base_set, **values})
+                     if f"{where}: {p}" not in problems]
     return problems
 
 

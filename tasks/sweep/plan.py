@@ -160,13 +160,14 @@ def training_runs(
     fingerprint); `dataset_path`/`dataset_fingerprint` are the base dataset's."""
     prepared = {None: (dataset_path, dataset_fingerprint), **(datasets or {})}
     runs = []
+    configs = spec.training_configs()
     for model in spec.base_models:
         family = model_family(model_paths[model.name], model.config)
         for dataset_name, dataset in spec.dataset_specs():
             if dataset_name not in prepared:
                 raise ValueError(f"dataset variant {dataset_name!r} was not prepared (tasks.preflight)")
             path, fingerprint = prepared[dataset_name]
-            for config in spec.training_configs():
+            for config in configs:
                 runs += _config_runs(spec, model, model_paths[model.name], family, config,
                                      (dataset_name, dataset, path, fingerprint))
     return runs
