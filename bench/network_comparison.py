@@ -1,6 +1,7 @@
 """The four adapter types (LoRA, DoRA, LoHa, LoKr) on the demo world at equal trainable parameters.
 
-`python -m bench.network_comparison [--output-dir DIR] [--write-spec] [--plan-only]`
+`python -m bench.network_comparison [--output-dir DIR] [--write-spec] [--plan-only] [--networks TYPE ...]
+[--dora-axis input|output]`
 
 LoRA rank 4 (sweeps/demo-lr.toml's settings: 200 steps, checkpoints 100 and 200, batch 4, 64 px) sets the
 parameter budget. For DoRA, LoHa and LoKr the rank (and LoKr's `lokr_factor`) whose trainable parameter
@@ -10,7 +11,8 @@ LoRA with one extra scale per layer. Alpha = rank for every type (scale 1). Each
 `[[training.variants]]` entry, crossed with two learning rates. The sweep (its TOML is what `--write-spec`
 saves as sweeps/demo-networks.toml) runs through the real `lora-sweep` flow under a temporary Prefect
 server, then the catalog gives the mean concept score at LoRA weight 1 per type, learning rate and
-checkpoint step, with the runs' recorded trainable parameters.
+checkpoint step, with the runs' recorded trainable parameters. `--networks` trains only the named types (the
+budget is still LoRA rank 4's); `--dora-axis` picks DoRA's magnitude axis (training.dora_axis, default "input").
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ REFERENCE = ("lora", 4)  # the type and rank whose trainable parameters every ot
 CANDIDATE_RANKS = range(1, 65)
 LOKR_FACTORS = (-1, 2, 4, 8, 16, 32)  # 1 left out: kron(1 x 1, W) is a LoRA with one extra scale
 LEARNING_RATES = (2e-3, 4e-3)
+NETWORKS = ("lora", "dora", "loha", "lokr")
 
 SPEC_HEAD = """\
 # The four adapter types on the demo world at (as near as each type allows) equal trainable parameters:
@@ -102,16 +105,19 @@ class Choice:
     rank: int
     lokr_factor: int
     params: int
+    dora_axis: str | None = None  # DoRA's magnitude axis (training.dora_axis); None for other types
 
     @property
     def name(self) -> str:
         factor = f"-f{self.lokr_factor}" if self.network == "lokr" else ""
-        return f"{self.network}-r{self.rank}{factor}"
+        axis = f"-{self.dora_axis}" if self.network == "dora" else ""
+        return f"{self.network}{axis}-r{self.rank}{factor}"
 
     def toml(self) -> str:
         factor = f"\nlokr_factor = {self.lokr_factor}" if self.network == "lokr" else ""
+        axis = f'\ndora_axis = "{self.dora_axis}"' if self.network == "dora" else ""
         return (f"\n[[training.variants]]   # {self.params} trainable parameters\n"
-                f'name = "{self.name}"\nnetwork = "{self.network}"\nranks = [{self.rank}]{factor}\n')
+                f'name = "{self.name}"\nnetwork = "{self.network}"\nranks = [{self.rank}]{factor}{axis}\n')
 
 
 def spec_text(choices: list[Choice], output_dir: str) -> str:
@@ -130,26 +136,29 @@ def reference_run(output_dir: Path) -> TrainingRunSpec:
     return planned_runs(spec, inputs)[0]
 
 
-def closest(run: TrainingRunSpec, network: str, target: int) -> Choice:
+def closest(run: TrainingRunSpec, network: str, target: int, dora_axis: str = "input") -> Choice:
     """The rank (and LoKr factor) of `network` whose parameter count is closest to `target`."""
     model_dir = Path(run.base_model.config or run.base_model_path)
+    axis = dora_axis if network == "dora" else None
     candidates = []
     for factor in LOKR_FACTORS if network == "lokr" else (-1,):
         for rank in CANDIDATE_RANKS:
             params = adapter_params(model_dir, run.model_copy(update={"network": network, "rank": rank,
-                                                                      "lokr_factor": factor}))
+                                                                      "lokr_factor": factor, "dora_axis": axis}))
             candidates.append((abs(params - target), rank, factor, params))
     _, rank, factor, params = min(candidates)
-    return Choice(network, rank, factor, params)
+    return Choice(network, rank, factor, params, axis)
 
 
-def choose(output_dir: Path) -> list[Choice]:
-    """Each adapter type at the reference's parameter count."""
+def choose(output_dir: Path, networks: tuple[str, ...] = NETWORKS,
+           dora_axis: str = "input") -> tuple[int, list[Choice]]:
+    """The reference's parameter count, and each adapter type of `networks` at it."""
     run = reference_run(output_dir)
     model_dir = Path(run.base_model.config or run.base_model_path)
     target = adapter_params(model_dir, run.model_copy(update={"network": REFERENCE[0], "rank": REFERENCE[1]}))
-    return [Choice(REFERENCE[0], REFERENCE[1], -1, target),
-            *(closest(run, network, target) for network in ("dora", "loha", "lokr"))]
+    reference = [Choice(REFERENCE[0], REFERENCE[1], -1, target)] if REFERENCE[0] in networks else []
+    return target, reference + [closest(run, network, target, dora_axis) for network in networks
+                                if network != REFERENCE[0]]
 
 
 def run_sweep(spec_path: Path, prefect_home: Path) -> tuple[list[dict[str, object]], tuple[float, int]]:
@@ -195,13 +204,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output-dir", type=Path, help="where the sweep goes (default: a temporary folder)")
     parser.add_argument("--write-spec", action="store_true", help=f"save the sweep as {SHIPPED_SPEC.relative_to(REPO)}")
     parser.add_argument("--plan-only", action="store_true", help="print the chosen ranks and counts; train nothing")
+    parser.add_argument("--networks", nargs="+", choices=NETWORKS, default=list(NETWORKS),
+                        help="train only these types (the parameter budget stays LoRA rank 4's)")
+    parser.add_argument("--dora-axis", choices=("input", "output"), default="input", help="DoRA's magnitude axis")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as scratch:
         out = (args.output_dir or Path(scratch)).resolve()
-        choices = choose(out / "outputs")
+        budget, choices = choose(out / "outputs", tuple(n for n in NETWORKS if n in args.networks), args.dora_axis)
         for c in choices:
-            print(f"{c.name:<14} network={c.network:<5} rank={c.rank:<3} lokr_factor={c.lokr_factor:<3} "
-                  f"trainable params={c.params} ({c.params / choices[0].params - 1:+.1%} vs {choices[0].name})")
+            print(f"{c.name:<18} network={c.network:<5} rank={c.rank:<3} lokr_factor={c.lokr_factor:<3} "
+                  f"trainable params={c.params} ({c.params / budget - 1:+.1%} vs lora-r{REFERENCE[1]})")
         if args.write_spec:
             SHIPPED_SPEC.write_text(spec_text(choices, "../outputs"))
         if args.plan_only:

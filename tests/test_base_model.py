@@ -115,6 +115,23 @@ def test_load_pipeline_folder(tiny_pipeline: StableDiffusionPipeline) -> None:
     assert tiny_pipeline.unet.dtype == torch.float32 and tiny_pipeline.device.type == "cpu"
 
 
+@pytest.mark.parametrize("layout", ["folder", "single file"])
+@pytest.mark.parametrize("half", [torch.float16, torch.bfloat16])
+def test_unet_loaded_in_half_equals_fp32_cast_after(tiny_model_dir: Path, single_file: tuple[str, str],
+                                                     layout: str, half: torch.dtype) -> None:
+    """Training loads the UNet straight in its half dtype (never fp32 on the device): the same values as
+    loading fp32 and casting, the rest of the pipeline still fp32."""
+    path, config = (str(tiny_model_dir), None) if layout == "folder" else single_file
+    direct = load_pipeline(path, config=config, unet_dtype=half)
+    cast = load_pipeline(path, config=config).unet.to(half)
+    assert direct.unet.dtype == half and direct.vae.dtype == torch.float32
+    assert direct.text_encoder.dtype == torch.float32
+    direct_state, cast_state = direct.unet.state_dict(), cast.state_dict()
+    assert direct_state.keys() == cast_state.keys()
+    for key, value in cast_state.items():
+        assert torch.equal(direct_state[key], value), key
+
+
 def test_model_hash(tiny_model_dir: Path, single_file: tuple[str, str], tmp_path: Path) -> None:
     ckpt, _ = single_file
     assert model_hash(ckpt) == hashlib.sha256(Path(ckpt).read_bytes()).hexdigest()[:10]

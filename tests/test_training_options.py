@@ -186,6 +186,28 @@ def test_bf16_mixed_precision_runs_the_unet_in_bf16_and_keeps_lora_weights_in_fp
     assert losses == pytest.approx(plain_losses, rel=0.05) and losses != plain_losses
 
 
+def test_training_task_loads_the_unet_in_bf16_to_the_same_lora_as_an_fp32_load(world, monkeypatch) -> None:
+    """The task loads the UNet straight in the half dtype (an SDXL UNet never sits on the GPU in fp32); the
+    trained LoRA is the one fit_lora makes from an fp32 pipeline that setup casts."""
+    run = make_run(world, mixed_precision="bf16", max_steps=2, checkpoint_steps=[2])
+    pipe, _, _ = fit(world, run)
+    expected = lora_weights(pipe)
+    loaded: list[tuple[torch.dtype, torch.dtype]] = []
+
+    def recording_load(*args, **kwargs):
+        pipe = load_pipeline(*args, **kwargs)
+        loaded.append((pipe.unet.dtype, pipe.vae.dtype))
+        return pipe
+
+    monkeypatch.setattr("tasks.train.run.load_pipeline", recording_load)
+    ckpt = train_lora(run).checkpoints[-1]
+    assert loaded == [(torch.bfloat16, torch.float32)]
+    state = torch.load(Path(ckpt.lora_dir) / "training_state.pt", weights_only=False)["lora"]
+    assert state.keys() == expected.keys()
+    for key, value in expected.items():
+        assert torch.equal(state[key], value), key
+
+
 @pytest.mark.parametrize(("option", "message"), [
     ({"mixed_precision": "fp16"}, "training.mixed_precision = 'fp16' needs a CUDA GPU and this machine trains on the "
                                   "CPU; allowed here: 'bf16' or 'no'"),

@@ -2,9 +2,10 @@
 
 Each checkpoint folder holds exactly:
   pytorch_lora_weights.safetensors   diffusers/peft format (load_lora_weights); UNet and, when
-                                     trained, text-encoder LoRA (SDXL: both text encoders). LoHa and
-                                     LoKr are written the same way, in peft's names, which diffusers
-                                     cannot load (tasks.lora.networks renders them through peft)
+                                     trained, text-encoder LoRA (SDXL: both text encoders). LoHa, LoKr
+                                     and DoRA per input column are written the same way, in peft's
+                                     names, which diffusers cannot load (tasks.lora.networks renders
+                                     them through peft)
   <checkpoint_id>.safetensors        kohya format for AUTOMATIC1111 / ComfyUI, with ss_* metadata
                                      and sshs_* hashes (tasks.lora.kohya_metadata)
   checkpoint.json                    the resolved run spec (every training option, the memory
@@ -78,7 +79,7 @@ def save_checkpoint(run: TrainingRunSpec, unet, adapter: str, step: int, checkpo
                              (sd_scripts_unet_state(unet_state, unet.config, family), *text_states)))
             convs = dict.fromkeys(sd_scripts_unet_state(dict.fromkeys(networks.spatial_convs(unet, run.target_modules)),
                                                         unet.config, family), networks.conv_rank_alpha(run))
-            kohya = networks.kohya_state_dict(run.network, run.rank, run.alpha, parts, convs)
+            kohya = networks.kohya_state_dict(run.network, run.rank, run.alpha, parts, convs, networks.dora_axis(run))
         metadata = with_hashes(kohya, kohya_metadata(run, step, family, facts))
         save_file(kohya, str(tmp / f"{checkpoint_id}.safetensors"), metadata=metadata)
         manifest = {"checkpoint_id": checkpoint_id, "step": step,

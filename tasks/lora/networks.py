@@ -3,8 +3,11 @@
 a saved one is applied when rendering.
 
   lora  peft LoRA: lora_down/lora_up + alpha (kohya's networks.lora); diffusers loads it.
-  dora  peft LoRA with use_dora: LoRA plus a learned magnitude per output row, saved as `dora_scale` (out, 1, ..)
-        as LyCORIS writes it with wd_on_output=True (its default); diffusers loads the peft file.
+  dora  LoRA plus a learned magnitude per input column (`dora_axis = "input"`, tasks.lora.input_dora), saved as
+        `dora_scale` (1, in[, 1, 1]): the weight A1111 and ComfyUI compute from the kohya file; diffusers cannot
+        load its peft file. `dora_axis = "output"`: peft's use_dora, one magnitude per output row, saved as
+        `dora_scale` (out, 1[, 1, 1]) with LyCORIS' wd_on_output=True; diffusers loads the peft file, A1111
+        computes a different weight from the kohya file (README, known limits).
   loha  peft LoHa: (w1_a @ w1_b) * (w2_a @ w2_b) * alpha / rank, saved as hada_w1_a/hada_w1_b/hada_w2_a/hada_w2_b.
   lokr  peft LoKr: kron(w1, w2) * alpha / rank, each factor full (lokr_w1, lokr_w2) or low-rank (lokr_w2_a/_b);
         `lokr_factor` picks the split of each dimension (-1: as close to its square root as it divides).
@@ -29,11 +32,12 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from tasks.lora.input_dora import INPUT_AXIS, InputDoraConfig
 from tasks.sweep.plan import TrainingRunSpec
 from tasks.sweep.presets import RESNET_CONV
 
 NETWORKS = ("lora", "dora", "loha", "lokr")
-DIFFUSERS_NETWORKS = ("lora", "dora")  # the types diffusers' load_lora_weights reads
+DIFFUSERS_NETWORKS = ("lora", "dora")  # the types diffusers' load_lora_weights reads (DoRA: per output row only)
 # Tensor names each type adds per adapted layer (peft's and kohya's spell them alike but for LoRA/DoRA).
 PEFT_TO_KOHYA = {"lora_A.weight": "lora_down.weight", "lora_B.weight": "lora_up.weight",
                  "lora_magnitude_vector": "dora_scale"}
@@ -59,13 +63,22 @@ def adapter_config(run: TrainingRunSpec, targets: Sequence[str], convs: Sequence
                     "alpha_pattern": {re.escape(name): conv_alpha for name in convs}}
     if run.network in ("lora", "dora"):
         dora = {"use_dora": True} if run.network == "dora" else {}
-        return LoraConfig(r=run.rank, lora_alpha=run.alpha, lora_dropout=run.lora_dropout,
-                          init_lora_weights="gaussian", target_modules=list(targets), **dora, **patterns)
+        config_class = InputDoraConfig if dora_axis(run) == INPUT_AXIS else LoraConfig
+        return config_class(r=run.rank, lora_alpha=run.alpha, lora_dropout=run.lora_dropout,
+                            init_lora_weights="gaussian", target_modules=list(targets), **dora, **patterns)
     if run.network == "loha":  # peft zeroes hada_w2_b, so an untrained LoHa changes nothing
         return LoHaConfig(r=run.rank, alpha=run.alpha, target_modules=list(targets), **patterns)
     # peft zeroes lokr_w1 (or lokr_w1_a), so an untrained LoKr changes nothing
     return LoKrConfig(r=run.rank, alpha=run.alpha, decompose_factor=run.lokr_factor, target_modules=list(targets),
                       **patterns)
+
+
+def dora_axis(run: TrainingRunSpec) -> str | None:
+    """The axis of a DoRA run's magnitude ("input" or "output"; a DoRA run from before training.dora_axis
+    existed, which has none, trained per output row); None for other types."""
+    if run.network != "dora":
+        return None
+    return run.dora_axis or "output"
 
 
 def conv_rank_alpha(run: TrainingRunSpec) -> tuple[int, float]:
@@ -99,21 +112,24 @@ def network_metadata(run: TrainingRunSpec) -> dict[str, str]:
     if run.network == "lora":
         return {"ss_network_module": "networks.lora", "ss_network_args": json.dumps(args)}
     algo = {"algo": "lora" if run.network == "dora" else run.network}
-    if run.network == "dora":  # LyCORIS' switches for DoRA, with the magnitude per output row as peft trains it
-        algo |= {"dora_wd": "True", "wd_on_output": "True"}
+    if run.network == "dora":  # LyCORIS' switches for DoRA; wd_on_output False: the magnitude per input column
+        algo |= {"dora_wd": "True", "wd_on_output": str(dora_axis(run) == "output")}
     if run.network == "lokr":
         algo["factor"] = str(run.lokr_factor)
     return {"ss_network_module": "lycoris.kohya", "ss_network_args": json.dumps(algo | args)}
 
 
-def layer_params(network: str, module: torch.nn.Module, rank: int, lokr_factor: int = -1) -> int:
-    """Trainable parameters peft adds to one nn.Linear or nn.Conv2d (works on the meta device)."""
+def layer_params(network: str, module: torch.nn.Module, rank: int, lokr_factor: int = -1,
+                 dora_axis: str | None = "input") -> int:
+    """Trainable parameters the adapter adds to one nn.Linear or nn.Conv2d (works on the meta device); DoRA's
+    magnitude has one per input column or output row (`dora_axis`)."""
     if isinstance(module, torch.nn.Conv2d):
         out_dim, in_dim, kernel = module.out_channels, module.in_channels, module.kernel_size[0] * module.kernel_size[1]
     else:
         out_dim, in_dim, kernel = module.out_features, module.in_features, 1
     if network in ("lora", "dora"):
-        return rank * (in_dim * kernel + out_dim) + (out_dim if network == "dora" else 0)
+        magnitude = (in_dim if dora_axis == INPUT_AXIS else out_dim) if network == "dora" else 0
+        return rank * (in_dim * kernel + out_dim) + magnitude
     if network == "loha":
         return 2 * rank * (in_dim * kernel + out_dim)
     (out_l, out_k), (in_m, in_n) = factorization(out_dim, lokr_factor), factorization(in_dim, lokr_factor)
@@ -138,10 +154,12 @@ def split_key(key: str) -> tuple[str, str]:
 
 
 def kohya_state_dict(network: str, rank: int, alpha: float, parts: dict[str, dict[str, torch.Tensor]],
-                     unet_layers: Mapping[str, tuple[int, float]] | None = None) -> dict[str, torch.Tensor]:
+                     unet_layers: Mapping[str, tuple[int, float]] | None = None,
+                     dora_axis: str | None = None) -> dict[str, torch.Tensor]:
     """DoRA, LoHa and LoKr weights in the kohya/LyCORIS layout, from peft state dicts per part ("unet",
     "text_encoder", "text_encoder_2"); each module gets its `.alpha`. `unet_layers`: (rank, alpha) of UNet
-    modules (by path) that have their own (LoCon's conv_rank / conv_alpha). LoRA goes through tasks.lora.export."""
+    modules (by path) that have their own (LoCon's conv_rank / conv_alpha). `dora_axis`: DoRA's magnitude axis
+    (networks.dora_axis). LoRA goes through tasks.lora.export."""
     modules: dict[str, dict[str, torch.Tensor]] = {}
     settings: dict[str, tuple[int, float]] = {}
     two = "text_encoder_2" in parts
@@ -155,9 +173,10 @@ def kohya_state_dict(network: str, rank: int, alpha: float, parts: dict[str, dic
     out = {}
     for module, tensors in modules.items():
         layer_rank, layer_alpha = settings[module]
-        if "dora_scale" in tensors:  # LyCORIS' output-axis layout: one magnitude per output row, (out, 1[, 1, 1])
+        if "dora_scale" in tensors:  # per input column (1, in[, 1, 1]) or per output row (out, 1[, 1, 1])
             ndim = 4 if tensors["lora_down.weight"].dim() == 4 else 2
-            tensors["dora_scale"] = tensors["dora_scale"].reshape(-1, *[1] * (ndim - 1))
+            shape = (1, -1, *[1] * (ndim - 2)) if dora_axis == INPUT_AXIS else (-1, *[1] * (ndim - 1))
+            tensors["dora_scale"] = tensors["dora_scale"].reshape(shape)
         if network == "lokr" and "lokr_w1" in tensors and "lokr_w2" in tensors:
             # Both factors full: the loaders scale by 1 (no rank to divide alpha by), as LyCORIS itself does
             # (alpha = rank); peft's alpha / rank is folded into w1 instead.
@@ -211,8 +230,16 @@ def load_weight_patches(pipe, lora_dir: str | Path, file_name: str) -> WeightPat
         component = getattr(pipe, part)
         if part != "unet" and not hasattr(component, "text_model"):  # transformers 5 dropped `text_model.`
             part_state = {k.removeprefix("text_model."): v for k, v in part_state.items()}
-        changes += adapter_changes(component, CONFIGS[config["peft_type"]].from_peft_type(**config), part_state)
+        changes += adapter_changes(component, saved_config(config), part_state)
     return WeightPatches(changes)
+
+
+def saved_config(config: dict) -> PeftConfig:
+    """The peft config a saved file's metadata holds; a DoRA per input column gets its own config class (peft's
+    from_peft_type would drop the `dora_axis` key it does not know and build peft's per-output-row DoRA)."""
+    if config.get("dora_axis") == INPUT_AXIS:
+        return InputDoraConfig(**config)
+    return CONFIGS[config["peft_type"]].from_peft_type(**config)
 
 
 def adapter_changes(component: torch.nn.Module, config: PeftConfig, state: dict[str, torch.Tensor]

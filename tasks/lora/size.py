@@ -6,9 +6,9 @@ rank x (in + out), a convolution rank x (in x kernel area + out); a trained text
 rank x 2 x hidden for each of its attention projections. A checkpoint holds P in fp32 five times (the
 diffusers file, the kohya file, and in training_state.pt the LoRA and AdamW's two moments), plus a
 few KiB per adapted layer for names and headers, the loss history and a fixed allowance for
-checkpoint.json, the kohya metadata and the RNG states. DoRA, LoHa and LoKr count their own parameters
-per adapted layer (tasks.lora.networks.layer_params), as does a LoCon whose k x k convolutions have their own
-rank (training.conv_rank).
+checkpoint.json, the kohya metadata and the RNG states. DoRA (its magnitude per input column or output
+row), LoHa and LoKr count their own parameters per adapted layer (tasks.lora.networks.layer_params), as
+does a LoCon whose k x k convolutions have their own rank (training.conv_rank).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from tasks.lora.networks import conv_rank_alpha, layer_params, targeted
+from tasks.lora.networks import conv_rank_alpha, dora_axis, layer_params, targeted
 from tasks.models.memory import meta_component
 from tasks.sweep.plan import TrainingRunSpec
 from tasks.sweep.presets import TEXT_ENCODER_TARGETS
@@ -89,4 +89,4 @@ def adapter_params(model_dir: Path, run: TrainingRunSpec) -> int:
             layers += [torch.nn.Linear(hidden, hidden, device="meta")] * count
     conv_rank = conv_rank_alpha(run)[0]  # k x k convolutions (LoCon) may have their own rank
     return sum(layer_params(run.network, m, conv_rank if isinstance(m, torch.nn.Conv2d) and m.kernel_size != (1, 1)
-                            else run.rank, run.lokr_factor) for m in layers)
+                            else run.rank, run.lokr_factor, dora_axis(run)) for m in layers)

@@ -22,6 +22,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import torch
 from PIL import Image
+from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from storage.atomic import atomic_file
@@ -30,7 +31,8 @@ from storage.parquet_io import write_rows
 from tasks.data.dataset import load_clip_tokenizer
 from tasks.lora.files import DIFFUSERS_FILE
 from tasks.lora.networks import WeightPatches, load_weight_patches, saved_network
-from tasks.models.base_model import MODEL_BUILD_LOCK, load_pipeline
+from tasks.models.base_model import MODEL_BUILD_LOCK
+from tasks.models.pipeline_pool import borrowed_pipeline, unet_adapters
 from tasks.render.conditioning import PromptConditioner, prompt_tokens
 from tasks.render.grid_image import DEFAULT_Z_AXES, job_title, write_grid_images
 from tasks.render.png_metadata import ImageParameters, png_info, read_png_parameters
@@ -105,13 +107,22 @@ def _write_grids(job: RenderJobSpec, layout: SweepLayout, rows: list[dict[str, o
 
 def _render_missing(job: RenderJobSpec, todo: list[Cell], out_dir: Path) -> None:
     # Half precision: weights and activations in that dtype; an SDXL VAE whose config asks for it
-    # (force_upcast) still decodes in fp32 inside diffusers' pipeline.
-    pipe = load_pipeline(job.base_model_path, config=job.base_model.config, device=torch_device(),
-                         torch_dtype=PRECISIONS[job.precision])
-    pipe.set_progress_bar_config(disable=True)
+    # (force_upcast) still decodes in fp32 inside diffusers' pipeline. The pipeline comes from the
+    # process's pool (tasks.models.pipeline_pool): loaded by the first job, clean again after each.
+    plain = bool(job.checkpoint) and saved_network(job.checkpoint.lora_dir, DIFFUSERS_FILE) == "lora"
+    with borrowed_pipeline(job.base_model_path, config=job.base_model.config, device=torch_device(),
+                           torch_dtype=PRECISIONS[job.precision], keep_adapter=ADAPTER if plain else None) as pipe:
+        patches = None if plain or not job.checkpoint else _network_patches(pipe, job)  # before the extras
+        try:
+            _render_cells(pipe, job, todo, out_dir, patches)
+        finally:
+            if patches is not None:
+                patches.set_weight(0.0)  # the base weights back, bit for bit, before the pipeline is reused
+
+
+def _render_cells(pipe, job: RenderJobSpec, todo: list[Cell], out_dir: Path, patches: WeightPatches | None) -> None:
     batch = _BatchRenderer(pipe, job, dict(pipe.scheduler.config), PromptConditioner(pipe, job, torch_device()),
                            _MetadataContext.build(job), out_dir)
-    patches = _network_patches(pipe, job)  # before the extras: it needs the pipeline's plain modules
     extras = _load_loras(pipe, job, ours=patches is None)
     progress = tqdm(total=len(todo), desc=f"render {job.render_id}", leave=False)
     for key, group in itertools.groupby(todo, key=lambda c: (c.lora_weight, c.sampler, c.steps, c.cfg_scale,
@@ -165,10 +176,8 @@ class _BatchRenderer:
                        "checkpoint_id": job.checkpoint.checkpoint_id if job.checkpoint else None})
 
 
-def _network_patches(pipe, job: RenderJobSpec) -> WeightPatches | None:
-    """Our checkpoint as weight patches when it is not a plain LoRA (tasks.lora.networks); None otherwise."""
-    if not job.checkpoint or saved_network(job.checkpoint.lora_dir, DIFFUSERS_FILE) == "lora":
-        return None
+def _network_patches(pipe, job: RenderJobSpec) -> WeightPatches:
+    """Our checkpoint as weight patches (DoRA, LoHa, LoKr: tasks.lora.networks); needs plain modules."""
     with MODEL_BUILD_LOCK:
         return load_weight_patches(pipe, job.checkpoint.lora_dir, DIFFUSERS_FILE)
 
@@ -179,11 +188,44 @@ def _load_loras(pipe, job: RenderJobSpec, ours: bool = True) -> list[str]:
     extras = [f"{EXTRA_ADAPTER_PREFIX}{i}" for i in range(len(job.extra_loras))]
     with MODEL_BUILD_LOCK:
         if job.checkpoint and ours:
-            pipe.load_lora_weights(job.checkpoint.lora_dir, weight_name=DIFFUSERS_FILE, adapter_name=ADAPTER)
+            _load_ours(pipe, job)
         for adapter, extra in zip(extras, job.extra_loras):
             file = Path(extra.path)
             pipe.load_lora_weights(str(file.parent), weight_name=file.name, adapter_name=adapter, use_safetensors=True)
     return extras
+
+
+def _load_ours(pipe, job: RenderJobSpec) -> None:
+    """Our checkpoint as the adapter ADAPTER: its weights copied into the layers the previous job of this
+    pipeline left when the two adapters have the same configuration (rank, alpha, targets, patterns; UNet
+    only), else loaded afresh."""
+    lora_dir = job.checkpoint.lora_dir
+    if ADAPTER in unet_adapters(pipe):
+        if _same_unet_adapter(pipe.unet.peft_config[ADAPTER].to_dict(), Path(lora_dir) / DIFFUSERS_FILE):
+            pipe.load_lora_weights(lora_dir, weight_name=DIFFUSERS_FILE, adapter_name=ADAPTER, hotswap=True)
+            return
+        pipe.unload_lora_weights()
+    pipe.load_lora_weights(lora_dir, weight_name=DIFFUSERS_FILE, adapter_name=ADAPTER)
+
+
+# The LoRA config fields that decide what an adapter computes (shapes, scales, which modules).
+HOTSWAP_FIELDS = ("peft_type", "r", "lora_alpha", "target_modules", "rank_pattern", "alpha_pattern", "use_dora",
+                  "use_rslora", "lora_bias", "bias", "fan_in_fan_out", "exclude_modules", "layers_to_transform",
+                  "layers_pattern")
+
+
+def _same_unet_adapter(loaded: dict, file: Path) -> bool:
+    """Whether the file holds a UNet-only adapter configured exactly like `loaded` (a peft config dict)."""
+    with safe_open(str(file), framework="pt") as handle:
+        if any(key.startswith(("text_encoder.", "text_encoder_2.")) for key in handle.keys()):  # noqa: SIM118
+            return False
+        saved = json.loads((handle.metadata() or {}).get("lora_adapter_metadata", "{}"))
+    wanted = {k.removeprefix("unet."): v for k, v in saved.items() if k.startswith("unet.")}
+
+    def norm(value: object) -> object:
+        return sorted(value) if isinstance(value, (list, set, tuple)) else value
+
+    return bool(wanted) and all(norm(wanted.get(f)) == norm(loaded.get(f)) for f in HOTSWAP_FIELDS)
 
 
 @dataclass(frozen=True)

@@ -72,6 +72,8 @@ class TrainingRunSpec(_Frozen):
     prior_preservation: PriorPreservationSpec | None = None  # class images trained beside the instance images
     network: Literal["lora", "dora", "loha", "lokr"] = "lora"  # the adapter type (tasks.lora.networks)
     lokr_factor: int = -1  # LoKr's dimension split; -1: automatic
+    # DoRA's magnitude axis, set exactly for DoRA runs; None on a DoRA run: one from before the option (output)
+    dora_axis: Literal["input", "output"] | None = None
     conv_rank: int | None = None  # LoCon k x k convolutions' own rank and alpha; None: the run's
     conv_alpha: float | None = None
     variant: str | None = None  # the [[training.variants]] entry it came from (a label; not in the id)
@@ -226,10 +228,13 @@ NOT_IN_RUN_ID = ("base_model_path", "dataset_path", "memory_preset", "cache_dir"
 TRAINING_OPTIONS = ("lora_dropout", "lr_scheduler", "lr_warmup_steps", "lr_cycles", "gradient_accumulation_steps",
                     "min_snr_gamma", "noise_offset", "mixed_precision", "gradient_checkpointing", "optimizer",
                     "train_text_encoder", "text_encoder_lr", "validation_images", "buckets", "max_grad_norm",
-                    "clip_skip", "prior_preservation", "network", "lokr_factor", "conv_rank", "conv_alpha")
+                    "clip_skip", "prior_preservation", "network", "lokr_factor", "conv_rank", "conv_alpha",
+                    "dora_axis")
+# `dora_axis`: DoRA trained per output row before the option existed, so "output" keeps those ids and "input"
+# (the default, a different network) enters the id; other types carry None.
 LATER_RUN_OPTIONS: dict[str, tuple[object, ...]] = {
     **{name: (TrainingRunSpec.model_fields[name].default,) for name in TRAINING_OPTIONS},
-    "cache": ("disk", "memory"),
+    "cache": ("disk", "memory"), "dora_axis": (None, "output"),
 }
 LATER_DATASET_OPTIONS: dict[str, tuple[object, ...]] = {"caption_dropout": (0.0,), "shuffle_tags": (False,),
                                                         "keep_tokens": (0,)}
@@ -276,6 +281,7 @@ def _training_options(t: TrainingSpec, settings: dict[str, object], preset: Memo
     options["gradient_checkpointing"] = settings["gradient_checkpointing"]
     options["text_encoder_lr"] = (t.text_encoder_lr or t.learning_rate) if t.train_text_encoder else None
     options["memory_preset"] = preset
+    options["dora_axis"] = t.dora_axis if t.network == "dora" else None
     options["cache"] = t.cache
     options["cache_dir"] = (t.cache_dir or str(Path(output_dir) / "cache")) if t.cache == "disk" else None
     if t.buckets:  # the step only matters (and only enters the id) with buckets on

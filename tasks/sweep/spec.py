@@ -97,6 +97,9 @@ class TrainingSpec(Frozen):
     # The adapter type: LoRA, DoRA, LoHa or LoKr (tasks.lora.networks; sweep.presets.network_problems).
     network: Literal["lora", "dora", "loha", "lokr"] = "lora"
     lokr_factor: int = Field(default=-1, ge=-1)  # LoKr's split of each dimension; -1: near its square root
+    # DoRA's learned magnitude: one per input column (what AUTOMATIC1111 and ComfyUI compute from the kohya file)
+    # or one per output row (peft's use_dora, LyCORIS' wd_on_output; DoRA runs from before this option).
+    dora_axis: Literal["input", "output"] = "input"
     # LoCon: the k x k convolutions' own rank and alpha (kohya's conv_dim / conv_alpha); None: the run's rank, alpha.
     conv_rank: PositiveInt | None = None
     conv_alpha: float | None = Field(default=None, gt=0)
@@ -134,6 +137,9 @@ class TrainingSpec(Frozen):
         if self.cache_dir is not None and self.cache != "disk":
             problems.append(f"cache_dir {self.cache_dir!r} only applies with cache = 'disk' (cache is {self.cache!r})")
         problems += network_problems(self.network, self.lokr_factor, self.lora_dropout)
+        if self.dora_axis != "input" and self.network != "dora":
+            problems.append(f"dora_axis {self.dora_axis!r} only applies with network = 'dora' (network is "
+                            f"{self.network!r}); allowed: 'input' (the default) or 'output', with network = 'dora'")
         problems += conv_problems(self.conv_rank, self.conv_alpha, self.lora_targets())
         if problems:
             raise ValueError("; ".join(problems))

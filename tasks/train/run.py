@@ -26,11 +26,12 @@ from tasks.lora.files import checkpoint_complete
 from tasks.lora.kohya_metadata import TrainingFacts
 from tasks.lora.networks import network_metadata
 from tasks.models.base_model import load_pipeline, model_family
+from tasks.models.pipeline_pool import release_idle_pipelines
 from tasks.models.text_conditioning import text_encoders
 from tasks.sweep.devices import torch_device
 from tasks.sweep.plan import TrainingRunSpec
 from tasks.train.class_images import ensure_class_images
-from tasks.train.loop import ADAPTER, TEXT_ENCODER_STATE_KEYS, TrainingHistory, fit_lora
+from tasks.train.loop import ADAPTER, HALF_DTYPES, TEXT_ENCODER_STATE_KEYS, TrainingHistory, fit_lora
 from tasks.train.records import (
     TrainingResult,
     already_done,
@@ -79,7 +80,12 @@ def _train(run: TrainingRunSpec, layout: SweepLayout, started: datetime) -> dict
     loaded = load_dataset(run.dataset, Path(run.dataset_path), min_size=min(MIN_IMAGE_SIDE, run.resolution),
                           captioner=captioner)
     items, held_out = split_validation(loaded.items, run.validation_images, run.seed)
-    pipe = load_pipeline(run.base_model_path, config=run.base_model.config, device=device)
+    # Mixed precision: the UNet loads straight in its half dtype (setup would cast it there), so an SDXL UNet
+    # never sits on the device in fp32 (10.3 GB). Prior preservation renders class images with the fp32
+    # base model first, so there the UNet loads in fp32 and setup casts it.
+    unet_dtype = None if run.prior_preservation else HALF_DTYPES.get(run.mixed_precision)
+    release_idle_pipelines()  # an idle render pipeline must not hold memory this run needs
+    pipe = load_pipeline(run.base_model_path, config=run.base_model.config, unet_dtype=unet_dtype, device=device)
     # Prior preservation: the base model renders the class images (once, cached) before any LoRA is added.
     class_items = ensure_class_images(run, pipe, device) if run.prior_preservation else []
     prediction = pipe.scheduler.config.get("prediction_type", "epsilon")
