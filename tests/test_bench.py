@@ -18,8 +18,9 @@ TRAIN = ["ours: fit_lora, cache on (latents + text encoded once)",
          "ours: fit_lora, cache = 'off' (VAE + text encode every step)", "cache on / cache off steps/s",
          "notebook: VAE + text encode every step", "ours / notebook steps/s", "encode dataset: cold disk cache",
          "encode dataset: warm disk cache"]
-RENDER = ["ours: render_job (load once, batched)", "notebook: load pipeline + LoRA per image, batch 1",
-          "bare: pipe() batched, all loaded, no I/O", "ours / notebook images/s", "bare / ours images/s (our overhead)"]
+RENDER = ["ours: render_job (pooled pipeline, batched)", "ours, cold: render_job loading the pipeline",
+          "notebook: load pipeline + LoRA per image, batch 1", "bare: pipe() batched, all loaded, no I/O",
+          "ours / notebook images/s", "bare / ours images/s (our overhead)", "bare / ours cold images/s"]
 GRID = [f"render_job {k}x cells: {what}" for k in (1, 4, 16) for what in ("wall time", "images/s")] + [
     "time 4x / 1x", "time 16x / 1x"]
 FLOW = ["flow wall time", "compute: training loops (sum runs.wall_time_s)", "compute: renders (sum images.render_s)",

@@ -22,6 +22,7 @@ from storage.atomic import atomic_file
 from tasks.sweep.ids import content_id
 
 GRID_KEY = "lora_sweep_grid"
+GRID_PNG_COMPRESS_LEVEL = 1  # grids are derived from the images: save time over bytes
 GRID_PREFIX = "grid-"
 MIN_CELL_PX = 128  # smaller images are upscaled (NEAREST, whole factor) so labels stay legible
 MAX_CELLS_WIDTH_PX = 3584  # cells shrink so cells + row labels (<= MAX_LABEL_WIDTH_PX) fit 4096 px
@@ -199,8 +200,9 @@ def drawable_text(text: str, size: int) -> str:
     return "".join(out)
 
 
+@functools.lru_cache(maxsize=16384)
 def _width(text: str, size: int) -> float:
-    return grid_font(size).getlength(text)
+    return grid_font(size).getlength(text)  # the same labels recur in every grid of a sweep
 
 
 def _fit(text: str, size: int, width: float) -> int:
@@ -368,8 +370,8 @@ def read_grid_metadata(path: str | Path) -> dict[str, Any]:
 def _save_atomic(image: Image.Image, path: Path, metadata: Mapping[str, Any]) -> None:
     info = PngInfo()
     info.add_text(GRID_KEY, json.dumps(metadata, sort_keys=True, ensure_ascii=False, default=str))
-    with atomic_file(path) as handle:
-        image.save(handle, format="PNG", pnginfo=info)
+    with atomic_file(path) as handle:  # fast zlib level: a third of level 6's time for ~8% more bytes
+        image.save(handle, format="PNG", pnginfo=info, compress_level=GRID_PNG_COMPRESS_LEVEL)
 
 
 def write_grid_images(
