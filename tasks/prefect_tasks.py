@@ -12,6 +12,7 @@ stage inside the task, when it runs; everything torch-free is imported here at t
 from __future__ import annotations
 
 import contextlib
+import sys
 from pathlib import Path
 
 from prefect import task
@@ -63,6 +64,11 @@ def gpu_slot(limit: str | None):
 def train_task(run: TrainingRunSpec, gpu_limit: str | None = None):
     """Train in a child process, so its memory (GPU memory too) is returned when it ends."""
     with gpu_slot(gpu_limit):
+        # This process's idle render pipelines (tasks.models.pipeline_pool) must not hold the GPU memory the
+        # child needs; looked up rather than imported, so a flow that has rendered nothing imports no torch here.
+        pool = sys.modules.get("tasks.models.pipeline_pool")
+        if pool is not None:
+            pool.release_idle_pipelines()
         return train_in_subprocess(run)
 
 

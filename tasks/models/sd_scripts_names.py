@@ -90,11 +90,14 @@ def sd_scripts_unet_modules(config: dict, family: str, *, attention_only: bool =
         if i < len(lay.channels) - 1 and conv:
             names.append(f"lora_unet_input_blocks_{(i + 1) * (lay.per + 1)}_0_op" if lay.sgm
                          else f"lora_unet_down_blocks_{i}_downsamplers_0_conv")
+    # The middle block is one flat list (resnet, transformer, resnet) in sd-scripts' SDXL UNet, as in LDM's:
+    # `middle_block_0_in_layers_2`, no inner index as the input and output blocks have.
     mid = (lay.channels[-1], lay.channels[-1])
-    names += lay.layer("lora_unet_middle_block_0", "lora_unet_mid_block_resnets_0", "", mid, None)
+    spelling = SGM_RESNET if lay.sgm else DIFFUSERS_RESNET
+    for k, where in ((0, "lora_unet_middle_block_0"), (1, "lora_unet_middle_block_2")):
+        names += resnet_modules(where if lay.sgm else f"lora_unet_mid_block_resnets_{k}", *mid, spelling) if conv else []
     names += transformer_modules("lora_unet_middle_block_1" if lay.sgm else "lora_unet_mid_block_attentions_0",
                                  lay.depth[-1], attention_only)
-    names += lay.layer("lora_unet_middle_block_2", "lora_unet_mid_block_resnets_1", "", mid, None)
     return set(names + up_blocks(lay))
 
 
