@@ -8,7 +8,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export HF_HUB_OFFLINE := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: demo test test-slow install bench clean-demo
+.PHONY: demo test test-slow test-full-size-sdxl install bench clean-demo
 
 # Run the demo sweep through a real Prefect deployment (server, work pool, worker) and print the report path.
 demo: $(VENV)/.installed
@@ -23,6 +23,11 @@ test: $(VENV)/.installed
 # full-size SD1.5/SDXL checks (models built once into LORA_SWEEP_FULL_SIZE_CACHE, default ~/.cache/lora-sweep).
 test-slow: $(VENV)/.installed
 	$(PY) -m pytest -m slow
+
+# The full-size SDXL checks on the CPU (bf16, 2.6B-parameter UNet): about 40 minutes on 2 busy cores, so not in
+# test-slow. Builds the SDXL folder and single file (6.9 GB each) into the cache first if they are not there.
+test-full-size-sdxl: $(VENV)/.installed
+	LORA_SWEEP_FULL_SIZE_SDXL=1 $(PY) -m pytest tests/test_full_size.py -m "slow or not slow" -k sdxl
 
 bench: $(VENV)/.installed
 	$(PY) -m bench

@@ -9,7 +9,9 @@ used by any class image):
 - concept score (tasks.score.concept_score) of the demo's two prompts: how well each LoRA learnt zqx;
 - the class prompt's images against the base model's (same seeds): mean absolute pixel difference
   (0-255) and 1 - SSIM per seed, the chi-squared distance between the two sets' pooled colour histograms,
-  and the concept score the class prompt reaches (how much of zqx leaks into it).
+  and the concept score the class prompt reaches (how much of zqx leaks into it);
+- for scale, the same distances between the base model's class prompt images and its images at the next seeds
+  (unrelated images of the same prompt: what "moved completely" looks like, and the histogram's sampling noise).
 Prints the figures; tests/test_prior_preservation.py asserts their direction with a stated margin.
 """
 
@@ -56,7 +58,8 @@ class Settings:
     num_class_images: int = 50
     prior_loss_weight: float = 1.0
     seeds: int = 8  # evaluation seeds per prompt
-    class_cfg_scale: float = 7.0  # CFG of the class images (training.prior_preservation.cfg_scale)
+    class_cfg_scale: float = 1.0  # CFG of the class images (training.prior_preservation.cfg_scale)
+    train_on: str = "latents"  # training.prior_preservation.train_on: the sampler's latents or the PNGs re-encoded
     max_steps: int = 200
 
 
@@ -78,10 +81,13 @@ class Comparison:
     without: Outcome
     with_prior: Outcome
     base_class_concept: float  # the base model's class prompt images, for reference
+    base_other_seeds_pixels: float  # mean |base image - base image at another seed|: unrelated images, 0-255
+    base_other_seeds_colours: float  # chi2 between the base images' pooled histogram and the other seeds'
 
     def lines(self, settings: Settings) -> list[str]:
         head = (f"prior preservation on the demo world: class prompt {settings.class_prompt!r}, "
-                f"{settings.num_class_images} class images, prior_loss_weight {settings.prior_loss_weight:g}, "
+                f"{settings.num_class_images} class images at CFG {settings.class_cfg_scale:g} (trained on: "
+                f"{settings.train_on}), prior_loss_weight {settings.prior_loss_weight:g}, "
                 f"{settings.seeds} seeds per prompt, weight 1.0, final checkpoint (step {settings.max_steps})")
         rows = [f"{'':<28}{'without':>10}{'with':>10}",
                 *(f"{label:<28}{getattr(self.without, key):>10.3f}{getattr(self.with_prior, key):>10.3f}"
@@ -89,7 +95,9 @@ class Comparison:
                                      ("class 1 - SSIM", "class_ssim_distance"),
                                      ("class colour histogram chi2", "class_colours"),
                                      ("class prompt concept score", "class_concept"), ("training s", "train_s"))),
-                f"base model's class prompt concept score: {self.base_class_concept:.3f}"]
+                f"base model's class prompt concept score: {self.base_class_concept:.3f}",
+                (f"base model, class prompt at other seeds: |pixel diff| {self.base_other_seeds_pixels:.2f}, "
+                 f"colour histogram chi2 {self.base_other_seeds_colours:.3f}")]
         return [head, *rows]
 
 
@@ -103,7 +111,7 @@ def demo_data(out: Path, settings: Settings, prior: bool) -> dict:
         data["training"]["prior_preservation"] = {"class_prompt": settings.class_prompt,
                                                   "num_class_images": settings.num_class_images,
                                                   "prior_loss_weight": settings.prior_loss_weight,
-                                                  "cfg_scale": settings.class_cfg_scale}
+                                                  "cfg_scale": settings.class_cfg_scale, "train_on": settings.train_on}
     return data
 
 
@@ -134,11 +142,16 @@ def outcome(pipe, config: dict, run: TrainingRunSpec, train_s: float, prompts: l
     concept = [concept_score(img, DEMO_CONCEPT) for p in prompts for img in render(pipe, config, p, seeds,
                                                                                    run.resolution)]
     moved = render(pipe, config, settings.class_prompt, seeds, run.resolution)
-    pixels = [float(np.abs(a.astype(float) - b.astype(float)).mean()) for a, b in zip(moved, base_class, strict=True)]
+    pixels = pixel_distances(moved, base_class)
     ssim = [1 - structural_similarity(a, b, channel_axis=2, data_range=255) for a, b in zip(moved, base_class, strict=True)]
     colours = float(chi2(pooled_colours(moved), pooled_colours(base_class)))
     return Outcome(run.run_id, float(np.mean(concept)), float(np.mean(pixels)), float(np.mean(ssim)), colours,
                    float(np.mean([concept_score(img, DEMO_CONCEPT) for img in moved])), train_s)
+
+
+def pixel_distances(images: list[np.ndarray], others: list[np.ndarray]) -> list[float]:
+    """Mean absolute difference (0-255) of each image from its counterpart."""
+    return [float(np.abs(a.astype(float) - b.astype(float)).mean()) for a, b in zip(images, others, strict=True)]
 
 
 def pooled_colours(images: list[np.ndarray]) -> np.ndarray:
@@ -165,7 +178,10 @@ def compare(out: Path, settings: Settings = Settings()) -> Comparison:
     pipe.set_adapters(["with"], adapter_weights=[1.0])
     with_prior = outcome(pipe, config, prior_run, prior_s, prompts, base_class, settings)
     base = float(np.mean([concept_score(img, DEMO_CONCEPT) for img in base_class]))
-    return Comparison(without, with_prior, base)
+    pipe.disable_lora()
+    other = render(pipe, config, settings.class_prompt, [s + settings.seeds for s in seeds], plain_run.resolution)
+    return Comparison(without, with_prior, base, float(np.mean(pixel_distances(other, base_class))),
+                      float(chi2(pooled_colours(other), pooled_colours(base_class))))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -176,9 +192,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--class-prompt", default=CLASS_PROMPT)
     parser.add_argument("--prior-loss-weight", type=float, default=Settings.prior_loss_weight)
     parser.add_argument("--class-cfg", type=float, default=Settings.class_cfg_scale, help="CFG of the class images")
+    parser.add_argument("--train-on", choices=("latents", "images"), default=Settings.train_on,
+                        help="train on the sampler's latents of the class images or on their PNGs re-encoded")
     args = parser.parse_args(argv)
     settings = Settings(args.class_prompt, args.class_images, args.prior_loss_weight, args.seeds,
-                        class_cfg_scale=args.class_cfg)
+                        class_cfg_scale=args.class_cfg, train_on=args.train_on)
     with tempfile.TemporaryDirectory() as scratch:
         result = compare(Path(args.out or scratch), settings)
     print("\n".join(result.lines(settings)))

@@ -8,10 +8,12 @@ import json
 import threading
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
 from peft.utils import get_peft_model_state_dict
+from PIL import Image
 from safetensors import safe_open
 
 from storage.layout import SweepLayout
@@ -19,9 +21,16 @@ from tasks.data.dataset import scan_dataset
 from tasks.disk_space import estimate_sweep_bytes, image_bytes
 from tasks.models.base_model import load_pipeline
 from tasks.preflight import prepare_inputs
+from tasks.render.samplers import make_scheduler
 from tasks.sweep.load import SpecError, parse_spec
 from tasks.sweep.plan import TrainingRunSpec, training_runs
-from tasks.train.class_images import RENDERERS_FILE, class_images_dir, class_images_root, ensure_class_images
+from tasks.train.class_images import (
+    RENDERERS_FILE,
+    class_images_dir,
+    class_images_root,
+    class_latents,
+    ensure_class_images,
+)
 from tasks.train.loop import fit_lora
 from tasks.train.run import train_lora
 from tests.conftest import small_sweep_data
@@ -78,6 +87,8 @@ def refused(data: dict) -> str:
     ({"class_prompt": "a triangle", "sampler": "Eulr a"}, "unknown sampler 'Eulr a'. Did you mean 'Euler a'?"),
     ({"num_class_images": 4}, "training.prior_preservation.class_prompt: required key is missing"),
     ({"class_prompt": "a triangle", "class_images": 4}, "training.prior_preservation.class_images: unknown key"),
+    ({"class_prompt": "a triangle", "train_on": "pixels"},
+     "training.prior_preservation.train_on: got 'pixels'; Input should be 'latents' or 'images'"),
 ])
 def test_bad_prior_preservation_is_refused_before_work(tmp_path: Path, prior: dict, expected: str) -> None:
     assert expected in refused(spec_data(tmp_path, prior))
@@ -95,8 +106,9 @@ def test_prior_preservation_enters_run_ids_only_when_used(world) -> None:
     with_prior = make_run(world, PRIOR)
     assert with_prior.run_id != plain.run_id
     others = [make_run(world, {**PRIOR, "prior_loss_weight": 0.5}), make_run(world, {**PRIOR, "num_class_images": 4}),
-              make_run(world, {**PRIOR, "class_prompt": "a square"})]
-    assert len({with_prior.run_id, *(r.run_id for r in others)}) == 4
+              make_run(world, {**PRIOR, "class_prompt": "a square"}), make_run(world, {**PRIOR, "cfg_scale": 7.0}),
+              make_run(world, {**PRIOR, "train_on": "images"})]
+    assert len({with_prior.run_id, *(r.run_id for r in others)}) == 6
 
 
 def test_class_images_are_rendered_once_cached_by_content_and_reused(world, tmp_path: Path) -> None:
@@ -107,17 +119,30 @@ def test_class_images_are_rendered_once_cached_by_content_and_reused(world, tmp_
     assert [i.path.name for i in items] == ["0.png", "1.png", "2.png"] and {i.caption for i in items} == {"a triangle"}
     first = {i.path.name: i.path.read_bytes() for i in items}
     assert len(set(first.values())) == 3  # three seeds, three images
+    latents = class_latents(items)  # the sampler's latents beside the PNGs, as the UNet sees them
+    assert [tuple(latent.shape) for latent in latents] == [(4, 8, 8)] * 3
+    pipe = fresh_pipe(world)  # each PNG is the pipeline's own image of its seed (decoded from that latent)
+    pipe.scheduler = make_scheduler("Euler a", dict(pipe.scheduler.config), seed=[1])
+    plain = pipe(prompt="a triangle", num_inference_steps=2, guidance_scale=1.0, width=64, height=64,
+                 generator=torch.Generator().manual_seed(1)).images[0]
+    with Image.open(items[1].path) as png:
+        difference = np.abs(np.asarray(png.convert("RGB")).astype(int) - np.asarray(plain))
+    assert difference.max() <= 1 and difference.mean() < 0.01  # float rounding at a quantisation step, at most
     again = ensure_class_images(make_run(world, {**PRIOR, "prior_loss_weight": 2.0}, out=tmp_path), fresh_pipe(world),
                                 "cpu")
     assert again == items  # another run with the same base model, prompt and seeds: nothing rendered
     more = ensure_class_images(make_run(world, {**PRIOR, "num_class_images": 5}, out=tmp_path), fresh_pipe(world), "cpu")
     assert more[:3] == items and len(more) == 5
     assert [line["images"] for line in map(json.loads, (folder / RENDERERS_FILE).read_text().splitlines())] == [3, 2]
-    (folder / "1.png").unlink()  # a lost image is rendered again, pixel for pixel
+    (folder / "1.png").unlink()  # a lost image (or latent) is rendered again, pixel for pixel
+    (folder / "2.safetensors").unlink()
     ensure_class_images(run, fresh_pipe(world), "cpu")
     assert {i.path.name: i.path.read_bytes() for i in items} == first
+    assert all(torch.equal(a, b) for a, b in zip(class_latents(items), latents, strict=True))
     assert class_images_dir(make_run(world, {**PRIOR, "class_prompt": "a square"}, out=tmp_path)) != folder
     assert class_images_dir(make_run(world, {**PRIOR, "steps": 3}, out=tmp_path)) != folder
+    assert class_images_dir(make_run(world, {**PRIOR, "cfg_scale": 7.0}, out=tmp_path)) != folder
+    assert class_images_dir(make_run(world, {**PRIOR, "train_on": "images"}, out=tmp_path)) == folder  # both kept
 
 
 def test_two_runs_at_once_render_the_class_images_once(world, tmp_path: Path) -> None:
@@ -143,14 +168,17 @@ def test_the_class_loss_trains_beside_an_unchanged_instance_draw(world) -> None:
     class_items = ensure_class_images(prior_run, fresh_pipe(world), "cpu")
     histories, loras = [], []
     for run, extra in ((plain_run, None), (prior_run, class_items),
-                       (make_run(world, {**PRIOR, "prior_loss_weight": 4.0}), class_items)):
+                       (make_run(world, {**PRIOR, "prior_loss_weight": 4.0}), class_items),
+                       (make_run(world, {**PRIOR, "train_on": "images"}), class_items)):
         pipe = fresh_pipe(world)
         histories.append(fit_lora(pipe, run, items, device="cpu", class_items=extra))
         loras.append(get_peft_model_state_dict(pipe.unet, adapter_name="default"))
-    plain, prior, heavy = histories
+    plain, prior, heavy, reencoded = histories
     assert plain.prior_losses == [None] * 4 and all(v is not None and v > 0 for v in prior.prior_losses)
     # Step 1 draws the same instance examples, noise and timesteps with or without the class batch.
     assert prior.losses[0] == plain.losses[0] == heavy.losses[0] and prior.prior_losses[0] == heavy.prior_losses[0]
+    # The same draw on the sampler's latents and on the VAE's re-encoding of the PNGs: different class losses.
+    assert reencoded.losses[0] == plain.losses[0] and reencoded.prior_losses[0] != prior.prior_losses[0]
     assert prior.grad_norms[0] != plain.grad_norms[0] != heavy.grad_norms[0]  # the class loss and its weight count
     assert any(not torch.equal(loras[0][k], loras[1][k]) for k in loras[0])
     assert any(not torch.equal(loras[1][k], loras[2][k]) for k in loras[1])
@@ -215,18 +243,23 @@ def test_sdxl_trains_with_prior_preservation(tmp_path: Path) -> None:
 
 
 # The demo-world check (bench/prior_preservation.py; measured figures in the README). The concept score at
-# weight 1 may drop by at most CONCEPT_MARGIN, and the class prompt's images at weight 1 must stay nearer the
-# base model's in what the LoRA teaches (their concept score) than without prior preservation. Per-seed pixel
-# distance is printed but not asserted: on this tiny model it grows with prior preservation (README).
+# weight 1 may drop by at most CONCEPT_MARGIN; the class prompt's images at weight 1 must keep the base model's
+# colours better than without prior preservation (pooled histogram chi2) and leak less of the concept, and their
+# per-seed pixel distance may exceed the run without by at most PIXEL_MARGIN (0-255). On this tiny model at the
+# render's CFG 7 it stays a little above (README); with the earlier class images (CFG 7, PNGs re-encoded) it was
+# 18.8 against 10.8, which this check refuses.
 CONCEPT_MARGIN = 0.10
+PIXEL_MARGIN = 1.5
 
 
 @pytest.mark.slow
-def test_demo_world_keeps_the_concept_and_the_class_prompt_leaks_less_of_it(tmp_path: Path) -> None:
+def test_demo_world_keeps_the_concept_and_the_class_prompt_moves_less(tmp_path: Path) -> None:
     from bench.prior_preservation import Settings, compare
 
     result = compare(tmp_path, Settings())
     print("\n".join(result.lines(Settings())))
-    assert result.with_prior.concept >= result.without.concept - CONCEPT_MARGIN
-    base = result.base_class_concept
-    assert abs(result.with_prior.class_concept - base) < abs(result.without.class_concept - base)
+    without, with_prior, base = result.without, result.with_prior, result.base_class_concept
+    assert with_prior.concept >= without.concept - CONCEPT_MARGIN
+    assert with_prior.class_colours < without.class_colours
+    assert abs(with_prior.class_concept - base) < abs(without.class_concept - base)
+    assert with_prior.class_pixels <= without.class_pixels + PIXEL_MARGIN

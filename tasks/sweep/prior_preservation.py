@@ -9,6 +9,7 @@ optimised loss is instance loss + `prior_loss_weight` x class loss (diffusers' t
 from __future__ import annotations
 
 import re
+from typing import Literal
 
 from pydantic import Field, field_validator
 
@@ -23,8 +24,12 @@ class PriorPreservationSpec(Frozen):
     """Class images rendered by the base model, trained beside the instance images with a loss weight.
 
     Class image i is rendered from `class_prompt` (and `negative_prompt`) with seed `seed + i`, the
-    `sampler` at `steps` and `cfg_scale`, square at the run's resolution: A1111's txt2img defaults
-    (Euler a, 20 steps, CFG 7). `num_class_images` defaults to diffusers' 100.
+    `sampler` at `steps` and `cfg_scale`, square at the run's resolution (Euler a, 20 steps). The class loss
+    leaves the base model where it is only when the class examples are the model's own samples of the
+    class prompt, so by default they are drawn without guidance (CFG 1; diffusers' script uses its pipeline's
+    7.5) and trained on as the latents the sampler produced (`train_on = "latents"`), not re-encoded from
+    their PNGs by the lossy VAE (`"images"`, as diffusers and kohya do). Measured in the README. The
+    `num_class_images` default is diffusers' 100.
     """
 
     class_prompt: str = Field(min_length=1, max_length=1000)
@@ -33,8 +38,9 @@ class PriorPreservationSpec(Frozen):
     seed: Seed = 0
     sampler: str = "Euler a"
     steps: int = Field(default=20, ge=1, le=500)
-    cfg_scale: float = Field(default=7.0, ge=0, le=50)
+    cfg_scale: float = Field(default=1.0, ge=0, le=50)
     negative_prompt: str = ""
+    train_on: Literal["latents", "images"] = "latents"
 
     @field_validator("class_prompt")
     @classmethod

@@ -3,7 +3,9 @@
 They live in `<cache>/class-images/<id>/` (`<cache>`: training.cache_dir, else `<output_dir>/cache`),
 where `<id>` is a content id of everything that decides their pixels: the base model's files (sha256 of
 each weight, config and tokenizer file), the class and negative prompts, sampler, steps, CFG, size and
-dtype. The count is not in it: image i is `<seed + i>.png`, rendered with its own CPU generator, so a
+dtype. Beside each PNG, `<seed + i>.safetensors` holds the latent the sampler produced, what training
+uses by default (training.prior_preservation.train_on): the model's own sample, not the lossy VAE's
+re-encoding of the PNG. The count is not in it: image i is `<seed + i>.png`, rendered with its own CPU generator, so a
 run asking for 100 reuses the 50 an earlier run made and renders the other 50, and every run and sweep
 with the same base model, prompt and seeds shares the folder. Each PNG is written atomically (with
 A1111's infotext), and a claim on the folder (tasks.sweep.claims) keeps two runs, on any machine that
@@ -18,6 +20,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save
 from tqdm.auto import tqdm
 
 from storage.atomic import atomic_file, write_atomic
@@ -32,13 +35,14 @@ from tasks.sweep.prior_preservation import PriorPreservationSpec
 from tasks.sweep.sampler_names import resolve_sampler
 
 log = logging.getLogger(__name__)
-CLASS_IMAGES_VERSION = 1  # bump when the rendering below changes: old folders then stop matching
+CLASS_IMAGES_VERSION = 2  # bump when the rendering below changes: old folders then stop matching (2: latents)
 BATCH = 8  # images per pipeline call; every image has its own generator, so no pixel depends on it
 LOCK_FILE = "render.lock"
 RENDERERS_FILE = "rendered_by.jsonl"  # one line per attempt that rendered missing images
 ABOUT_FILE = "class_images.json"  # what made the folder, for people
 DTYPE = "fp32"  # the training pipeline is loaded in fp32 (mixed precision casts it later, in setup)
 MODEL_SUFFIXES = (".safetensors", ".json", ".txt")  # weights, configs, tokenizer vocabularies
+LATENT_SUFFIX = ".safetensors"  # <seed>.safetensors: the sampler's latent of <seed>.png (scaled, as the UNet sees it)
 
 
 def class_images_root(run: TrainingRunSpec) -> Path:
@@ -104,11 +108,12 @@ def ensure_class_images(run: TrainingRunSpec, pipe, device: str) -> list[Dataset
 
 
 def scan_class_images(folder: Path, seeds: list[int], prompt: str) -> tuple[list[DatasetItem], list[int]]:
-    """The class images already on disk (readable ones) as items, and the seeds still to render."""
+    """The class images already on disk (readable, with their latent) as items, and the seeds still to render."""
     items, missing = [], []
     for seed in seeds:
         path = folder / f"{seed}.png"
-        item, problem = inspect_image(path, folder, prompt, min_size=1) if path.is_file() else (None, "missing")
+        present = path.is_file() and path.with_suffix(LATENT_SUFFIX).is_file()
+        item, problem = inspect_image(path, folder, prompt, min_size=1) if present else (None, "missing")
         if item is None:
             if problem != "missing":
                 log.warning("class images: %s (%s); rendering it again", path, problem)
@@ -120,7 +125,8 @@ def scan_class_images(folder: Path, seeds: list[int], prompt: str) -> tuple[list
 
 def render_class_images(pipe, run: TrainingRunSpec, seeds: list[int], folder: Path, device: str) -> None:
     """Render `seeds` of the class prompt with the base model, one CPU generator per image (as the render
-    stage does, so a class image equals the baseline render of the same prompt, seed and sampler)."""
+    stage does, so a class image equals the baseline render of the same prompt, seed and sampler); each
+    image's latent is written beside its PNG."""
     prior = required(run)
     size = run.resolution
     sampler = resolve_sampler(prior.sampler)
@@ -135,8 +141,9 @@ def render_class_images(pipe, run: TrainingRunSpec, seeds: list[int], folder: Pa
         for start in range(0, len(seeds), BATCH):
             chunk = seeds[start : start + BATCH]
             pipe.scheduler = make_scheduler(prior.sampler, dict(original.config), seed=chunk)
-            images = render_batch(pipe, prior, chunk, size)
-            for seed, image in zip(chunk, images, strict=True):
+            latents = render_batch(pipe, prior, chunk, size)
+            for seed, latent, image in zip(chunk, latents, decode(pipe, latents), strict=True):
+                write_atomic(folder / f"{seed}{LATENT_SUFFIX}", save({"latent": latent.float().cpu().contiguous()}))
                 with atomic_file(folder / f"{seed}.png") as handle:
                     image.save(handle, format="PNG", pnginfo=png_info(replace(infotext, seed=seed),
                                                                       {"class_images": folder.name}))
@@ -146,11 +153,24 @@ def render_class_images(pipe, run: TrainingRunSpec, seeds: list[int], folder: Pa
         progress.close()
 
 
-def render_batch(pipe, prior: PriorPreservationSpec, seeds: list[int], size: int) -> list:
-    """One pipeline call: the class prompt at each seed, as text (how the render stage passes a plain prompt)."""
+def render_batch(pipe, prior: PriorPreservationSpec, seeds: list[int], size: int) -> torch.Tensor:
+    """One pipeline call: the class prompt at each seed, as text (how the render stage passes a plain prompt);
+    the final latents, before the VAE decodes them."""
     return pipe(prompt=[prior.class_prompt] * len(seeds), negative_prompt=[prior.negative_prompt] * len(seeds),
                 num_inference_steps=prior.steps, guidance_scale=prior.cfg_scale, width=size, height=size,
-                generator=[torch.Generator(device="cpu").manual_seed(s) for s in seeds]).images
+                generator=[torch.Generator(device="cpu").manual_seed(s) for s in seeds], output_type="latent").images
+
+
+def decode(pipe, latents: torch.Tensor) -> list:
+    """The images the pipeline would have returned for `latents` (its own decode and post-processing)."""
+    with torch.no_grad():
+        pixels = pipe.vae.decode(latents.to(pipe.vae.dtype) / pipe.vae.config.scaling_factor, return_dict=False)[0]
+    return pipe.image_processor.postprocess(pixels, output_type="pil")
+
+
+def class_latents(items: list[DatasetItem]) -> list[torch.Tensor]:
+    """The sampler's latent of each class image (fp32, CPU, scaled as training's latents are)."""
+    return [load_file(item.path.with_suffix(LATENT_SUFFIX))["latent"] for item in items]
 
 
 def write_about(run: TrainingRunSpec, folder: Path) -> None:
@@ -158,8 +178,8 @@ def write_about(run: TrainingRunSpec, folder: Path) -> None:
     prior = required(run)
     about = {"base_model": run.base_model.name, "base_model_path": run.base_model_path, "size": run.resolution,
              "dtype": DTYPE, "version": CLASS_IMAGES_VERSION,
-             **prior.model_dump(exclude={"num_class_images", "prior_loss_weight", "seed"}),
-             "file_name": "<seed>.png, rendered with that seed"}
+             **prior.model_dump(exclude={"num_class_images", "prior_loss_weight", "seed", "train_on"}),
+             "file_name": "<seed>.png, rendered with that seed; <seed>.safetensors: its latent"}
     folder.mkdir(parents=True, exist_ok=True)
     write_atomic(folder / ABOUT_FILE, json.dumps(about, indent=1, sort_keys=True).encode())
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -33,6 +33,7 @@ from tasks.models.base_model import MODEL_BUILD_LOCK
 from tasks.models.text_conditioning import encode_captions, text_encoders
 from tasks.sweep.plan import TrainingRunSpec
 from tasks.sweep.presets import TEXT_ENCODER_TARGETS
+from tasks.train.class_images import class_latents
 from tasks.train.encodings import TrainingEncodings, encode_training_set
 from tasks.train.objective import diffusion_loss, sample_noise
 from tasks.train.state import loop_state, make_optimizer, restore_loop_state
@@ -161,15 +162,18 @@ def setup(pipe, run: TrainingRunSpec, items: list[DatasetItem], *, device: str, 
 
 def encode_prior(run: TrainingRunSpec, class_items: list[DatasetItem], vae, encoders: list, tokenizers: list,
                  device: str) -> PriorSet:
-    """The class images encoded like the training set (same cache mode and folder). Their latents are drawn
-    from a generator of their own (seed + 1), so the training set's encodings and a step's first draws are
-    those of the same run without prior preservation; the class batches are then drawn after the instance
-    batches from the run's generator."""
+    """The class images encoded like the training set (same cache mode and folder). With `train_on = "latents"`
+    (the default) their latents are those the sampler produced, the model's own samples; with "images" the
+    VAE's re-encoding of their PNGs, drawn from a generator of their own (seed + 1). Either way the training
+    set's encodings and a step's first draws are those of the same run without prior preservation; the class
+    batches are then drawn after the instance batches from the run's generator."""
     prior = run.prior_preservation
     sizes = crop_sizes(class_items, run.resolution, run.bucket_step if run.buckets else None)
     own = torch.Generator(device="cpu").manual_seed(run.seed + 1)
     encoded = encode_training_set(class_items, sizes, vae, encoders, tokenizers, own, device, mode=run.cache,
                                   cache_dir=run.cache_dir, clip_skip=run.clip_skip)
+    if prior.train_on == "latents":  # the text conditioning above is kept; the pixels' encodings are not used
+        encoded = replace(encoded, latents=class_latents(class_items), pixels=None)
     return PriorSet(prior.class_prompt, encoded, prior.prior_loss_weight)
 
 
