@@ -50,7 +50,7 @@ class Sizes:
 
 
 FULL = Sizes(train_warmup=5, train_steps=40, train_repeats=5, render_steps=20, render_prompts=2, render_seeds=4,
-             render_repeats=3, grid_repeats=3, import_repeats=3)
+             render_repeats=7, grid_repeats=3, import_repeats=3)
 QUICK = Sizes(train_warmup=2, train_steps=6, train_repeats=2, render_steps=2, render_prompts=1, render_seeds=2,
               render_repeats=2, grid_repeats=1, import_repeats=1)
 
