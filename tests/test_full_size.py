@@ -77,8 +77,8 @@ def peak(phase: str):
     assert PEAKS[phase] < PEAK_LIMIT_GB, f"{phase}: peak RSS {PEAKS[phase]} GB"
 
 
-# SDXL at real size (2.6B-parameter UNet in bf16: about 6x slower than fp32 on a CPU without bf16 units) ran
-# past 20 minutes here before finishing, so it is opt-in: LORA_SWEEP_FULL_SIZE_SDXL=1 make test-slow.
+# SDXL at real size (2.6B-parameter UNet in bf16: about 6x slower than fp32 on a CPU without bf16 units) took
+# 1,490 s for these checks on 2 busy cores, more than the slow suite can give: opt-in, `make test-full-size-sdxl`.
 FAMILIES = ["sd15", "sdxl"] if os.environ.get("LORA_SWEEP_FULL_SIZE_SDXL") == "1" else ["sd15"]
 
 
@@ -110,9 +110,8 @@ def sweep(out: Path, family: str, base: dict, dataset: Path, preset: str) -> dic
         "name": f"full-{family}-{preset}", "output_dir": str(out),
         "dataset": {"path": str(dataset), "trigger_word": "zqx"}, "base_models": [base],
         "training": {"ranks": [4], "alpha": 2.0, "max_steps": 2, "checkpoint_steps": [2],
-                     # SDXL's LoRA is compared in bf16 latents (see render): a stronger LoRA stands further
-                     # above bf16's rounding.
-                     "learning_rate": 5e-1 if sdxl else 5e-2,
+                     # 5e-1 diverged for SDXL's LoCon in bf16 (NaN latents, measured); SDXL compares latents instead.
+                     "learning_rate": 5e-2,
                      "batch_size": 1, "resolution": 64, "seed": 0, "target_preset": preset,
                      "mixed_precision": "bf16" if sdxl else "no"},
         "render": {"prompts": ["a photo of {trigger}"], "seeds": [1], "samplers": ["Euler a", "DPM++ 2M Karras"],
@@ -266,7 +265,7 @@ def test_both_files_reload_to_the_trained_pixels(trained, built, family: str, ba
         pipe.set_adapters(["reloaded"], adapter_weights=[0.0])
         at_zero = render(pipe, conditioning)
         del pipe
-    assert np.array_equal(at_zero, base_pixels)
+    assert np.isfinite(pixels).all() and np.array_equal(at_zero, base_pixels)
     change = np.abs(pixels - base_pixels).max()
     if DTYPES[family] == torch.float32:
         assert change > 3e-5  # the LoRA changes the image, so closeness means something
