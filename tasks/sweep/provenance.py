@@ -48,7 +48,8 @@ def provenance() -> dict[str, object]:
     }
 
 
-def lora_sweep_version() -> str:
+@lru_cache(maxsize=1)
+def lora_sweep_version() -> str:  # read once: 1 ms a call, and every image's infotext asks
     try:
         return metadata.version("lora-sweep")
     except metadata.PackageNotFoundError:
