@@ -202,6 +202,27 @@ def test_a_prior_preservation_run_records_its_class_loss_and_resumes_bit_identic
     assert_resumes_bit_identically(train_lora, run, layout, 4, losses)  # killed after its step-2 checkpoint
 
 
+def test_the_unet_loads_in_fp32_only_while_class_images_are_missing(world, tmp_path: Path, monkeypatch) -> None:
+    """bf16 training: the first run renders the class images with the fp32 base model; a run finding them
+    cached loads its UNet straight in bf16 (what a 10 or 12 GiB card needs for SDXL), with the same LoRA."""
+    loaded: list[torch.dtype] = []
+
+    def recording_load(*args, **kwargs):
+        pipe = load_pipeline(*args, **kwargs)
+        loaded.append(pipe.unet.dtype)
+        return pipe
+
+    monkeypatch.setattr("tasks.train.run.load_pipeline", recording_load)
+    states = []
+    for out in (tmp_path / "first", tmp_path / "second"):  # one class-image cache: cache_dir shared below
+        run = make_run(world, PRIOR, out=out, mixed_precision="bf16", max_steps=2, checkpoint_steps=[2],
+                       cache_dir=str(tmp_path / "cache"))
+        [ckpt] = train_lora(run).checkpoints
+        states.append(torch.load(Path(ckpt.lora_dir) / "training_state.pt", weights_only=False)["lora"])
+    assert loaded == [torch.float32, torch.bfloat16]
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
 def test_a_run_without_prior_preservation_writes_what_sd_scripts_writes(world, tmp_path: Path) -> None:
     run = make_run(world, out=tmp_path, max_steps=1, checkpoint_steps=[1])
     train_lora(run)

@@ -30,7 +30,7 @@ from tasks.models.pipeline_pool import release_idle_pipelines
 from tasks.models.text_conditioning import text_encoders
 from tasks.sweep.devices import torch_device
 from tasks.sweep.plan import TrainingRunSpec
-from tasks.train.class_images import ensure_class_images
+from tasks.train.class_images import class_images_dir, class_seeds, ensure_class_images, scan_class_images
 from tasks.train.loop import ADAPTER, HALF_DTYPES, TEXT_ENCODER_STATE_KEYS, TrainingHistory, fit_lora
 from tasks.train.records import (
     TrainingResult,
@@ -71,6 +71,14 @@ def train_lora(run: TrainingRunSpec) -> TrainingResult:
     return completed(run, layout)
 
 
+def class_images_missing(run: TrainingRunSpec) -> bool:
+    """Whether the run's prior preservation still has class images to render (False without it)."""
+    prior = run.prior_preservation
+    if prior is None:
+        return False
+    return bool(scan_class_images(class_images_dir(run), class_seeds(prior), prior.class_prompt)[1])
+
+
 def _train(run: TrainingRunSpec, layout: SweepLayout, started: datetime) -> dict[str, object]:
     device = torch_device()
     check_training_support(run, device)  # before any model is loaded
@@ -81,9 +89,9 @@ def _train(run: TrainingRunSpec, layout: SweepLayout, started: datetime) -> dict
                           captioner=captioner)
     items, held_out = split_validation(loaded.items, run.validation_images, run.seed)
     # Mixed precision: the UNet loads straight in its half dtype (setup would cast it there), so an SDXL UNet
-    # never sits on the device in fp32 (10.3 GB). Prior preservation renders class images with the fp32
-    # base model first, so there the UNet loads in fp32 and setup casts it.
-    unet_dtype = None if run.prior_preservation else HALF_DTYPES.get(run.mixed_precision)
+    # never sits on the device in fp32 (10.3 GB). Class images still to render (prior preservation) render
+    # with the fp32 base model first, so then the UNet loads in fp32 and setup casts it.
+    unet_dtype = None if class_images_missing(run) else HALF_DTYPES.get(run.mixed_precision)
     release_idle_pipelines()  # an idle render pipeline must not hold memory this run needs
     pipe = load_pipeline(run.base_model_path, config=run.base_model.config, unet_dtype=unet_dtype, device=device)
     # Prior preservation: the base model renders the class images (once, cached) before any LoRA is added.
