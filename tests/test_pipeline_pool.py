@@ -23,6 +23,8 @@ from tasks.train.run import train_lora
 from tests.conftest import small_sweep_data
 from tests.test_extra_loras import random_lora, save_diffusers
 
+pytestmark = pytest.mark.slow  # six tiny trainings and 24 render jobs: about a minute, past the fast suite's budget
+
 RUNS = {  # name -> training options: each a different kind of change between consecutive jobs
     "a": {},
     "rank4": {"ranks": [4]},

@@ -202,6 +202,7 @@ def test_a_prior_preservation_run_records_its_class_loss_and_resumes_bit_identic
     assert_resumes_bit_identically(train_lora, run, layout, 4, losses)  # killed after its step-2 checkpoint
 
 
+@pytest.mark.slow
 def test_the_unet_loads_in_fp32_only_while_class_images_are_missing(world, tmp_path: Path, monkeypatch) -> None:
     """bf16 training: the first run renders the class images with the fp32 base model; a run finding them
     cached loads its UNet straight in bf16 (what a 10 or 12 GiB card needs for SDXL), with the same LoRA."""
