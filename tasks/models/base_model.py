@@ -172,23 +172,16 @@ def load_pipeline(
               {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False})
     with MODEL_BUILD_LOCK:
         if unet_dtype is not None and unet_dtype != torch_dtype:
-            extras["unet"] = _load_unet(path, config, unet_dtype)
+            extras["unet"] = _load(UNet2DConditionModel, path, config, unet_dtype, {"subfolder": "unet"})
         return _load(PIPELINES[family], path, config, torch_dtype, extras).to(device)
 
 
-def _load(pipeline_class, path: str, config: str | None, torch_dtype: torch.dtype, extras: dict):
+def _load(loader, path: str, config: str | None, torch_dtype: torch.dtype, extras: dict):
+    """A pipeline class (or, with `subfolder` in `extras`, one of its models) from a folder or a single file."""
     if Path(path).is_dir():
-        return pipeline_class.from_pretrained(
+        return loader.from_pretrained(
             path, torch_dtype=torch_dtype, local_files_only=True, use_safetensors=True, **extras
         )
-    return pipeline_class.from_single_file(
+    return loader.from_single_file(
         path, config=config, torch_dtype=torch_dtype, local_files_only=True, **extras
     )
-
-
-def _load_unet(path: str, config: str | None, torch_dtype: torch.dtype) -> UNet2DConditionModel:
-    if Path(path).is_dir():
-        return UNet2DConditionModel.from_pretrained(
-            path, subfolder="unet", torch_dtype=torch_dtype, local_files_only=True, use_safetensors=True)
-    return UNet2DConditionModel.from_single_file(
-        path, config=config, subfolder="unet", torch_dtype=torch_dtype, local_files_only=True)

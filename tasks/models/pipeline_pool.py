@@ -105,10 +105,10 @@ def _clean(entry: _Idle, keep_adapter: str | None) -> None:
     pipe = entry.pipe
     encoders = [m for name, m in _components(pipe) if name != "unet"]
     kept = (keep_adapter is not None and unet_adapters(pipe) == {keep_adapter}
-            and not any(_has_peft_layers(m) or hasattr(m, "peft_config") for m in encoders))
+            and not any(_holds_adapter(m) for m in encoders))
     if not kept:
         with MODEL_BUILD_LOCK:
-            if _has_adapters(pipe):
+            if any(_holds_adapter(m) for _, m in _components(pipe)):
                 pipe.unload_lora_weights()
         leftover = [name for name, module in _components(pipe) if _has_peft_layers(module)]
         if leftover:
@@ -121,8 +121,8 @@ def _components(pipe) -> list[tuple[str, torch.nn.Module]]:
     return [(n, getattr(pipe, n)) for n in names if isinstance(getattr(pipe, n, None), torch.nn.Module)]
 
 
-def _has_adapters(pipe) -> bool:
-    return any(_has_peft_layers(module) or hasattr(module, "peft_config") for _, module in _components(pipe))
+def _holds_adapter(module: torch.nn.Module) -> bool:
+    return _has_peft_layers(module) or hasattr(module, "peft_config")
 
 
 def _has_peft_layers(module: torch.nn.Module) -> bool:

@@ -107,6 +107,15 @@ def ensure_class_images(run: TrainingRunSpec, pipe, device: str) -> list[Dataset
     return items
 
 
+def class_images_missing(run: TrainingRunSpec) -> bool:
+    """Whether the run's prior preservation still has class images to render (False without it): then training
+    loads the base model in fp32 to render them."""
+    prior = run.prior_preservation
+    if prior is None:
+        return False
+    return bool(scan_class_images(class_images_dir(run), class_seeds(prior), prior.class_prompt)[1])
+
+
 def scan_class_images(folder: Path, seeds: list[int], prompt: str) -> tuple[list[DatasetItem], list[int]]:
     """The class images already on disk (readable, with their latent) as items, and the seeds still to render."""
     items, missing = [], []

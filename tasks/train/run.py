@@ -30,7 +30,7 @@ from tasks.models.pipeline_pool import release_idle_pipelines
 from tasks.models.text_conditioning import text_encoders
 from tasks.sweep.devices import torch_device
 from tasks.sweep.plan import TrainingRunSpec
-from tasks.train.class_images import class_images_dir, class_seeds, ensure_class_images, scan_class_images
+from tasks.train.class_images import class_images_missing, ensure_class_images
 from tasks.train.loop import ADAPTER, HALF_DTYPES, TEXT_ENCODER_STATE_KEYS, TrainingHistory, fit_lora
 from tasks.train.records import (
     TrainingResult,
@@ -69,14 +69,6 @@ def train_lora(run: TrainingRunSpec) -> TrainingResult:
             log.error("run %s: %s", run.run_id, unrecorded)
         raise
     return completed(run, layout)
-
-
-def class_images_missing(run: TrainingRunSpec) -> bool:
-    """Whether the run's prior preservation still has class images to render (False without it)."""
-    prior = run.prior_preservation
-    if prior is None:
-        return False
-    return bool(scan_class_images(class_images_dir(run), class_seeds(prior), prior.class_prompt)[1])
 
 
 def _train(run: TrainingRunSpec, layout: SweepLayout, started: datetime) -> dict[str, object]:
