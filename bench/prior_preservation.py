@@ -4,14 +4,18 @@
 
 Trains the demo world's LoRA (sweeps/demo.toml's settings: rank 4, alpha 4, 200 steps, lr 2e-3, batch 4,
 64 px, all 12 images) twice through `train_lora`, without and with `training.prior_preservation`, then
-renders with the final checkpoint at weight 1 (Euler a, 20 steps, CFG 7, negative "blurry", seeds not
-used by any class image):
+renders with the final checkpoint at weight 1 (20 steps, seeds not used by any class image). Under the
+render stage's demo settings (Euler a, CFG 7, negative "blurry"):
 - concept score (tasks.score.concept_score) of the demo's two prompts: how well each LoRA learnt zqx;
 - the class prompt's images against the base model's (same seeds): mean absolute pixel difference
   (0-255) and 1 - SSIM per seed, the chi-squared distance between the two sets' pooled colour histograms,
-  and the concept score the class prompt reaches (how much of zqx leaks into it);
-- for scale, the same distances between the base model's class prompt images and its images at the next seeds
-  (unrelated images of the same prompt: what "moved completely" looks like, and the histogram's sampling noise).
+  and the concept score the class prompt reaches (how much of zqx leaks into it).
+Then the class prompt's pixel difference, 1 - SSIM and chi2 under each of bench.class_movement's render
+settings, which separate the causes: (a) Euler a, CFG 7, negative "blurry"; (b) Euler (deterministic), CFG 7,
+negative "blurry"; (c) Euler, CFG 7, negative "" (empty); (d) Euler, CFG 1 (the conditional prediction the prior loss
+trains). Each setting also gives, for scale, the same distances between the base model's class prompt images
+and its images at the next seeds (unrelated images of the same prompt: what "moved completely" looks like, and
+the histogram's sampling noise), and the per-seed (with - without) pixel difference with its standard error.
 Prints the figures; tests/test_prior_preservation.py asserts their direction with a stated margin.
 """
 
@@ -26,17 +30,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
-from skimage.metrics import structural_similarity
 
+from bench.class_movement import RENDER_SETTINGS, Movement, RenderSetting, SettingFigures, movement, render
 from storage.layout import SweepLayout
 from tasks.data.demo_world import DEMO_CONCEPT
 from tasks.lora.files import DIFFUSERS_FILE
 from tasks.models.base_model import load_pipeline
 from tasks.preflight import prepare_inputs
-from tasks.render.samplers import make_scheduler
 from tasks.score.concept_score import concept_score
-from tasks.score.image_features import chi2, color_hist
 from tasks.sweep.load import parse_spec
 from tasks.sweep.plan import TrainingRunSpec, training_runs
 from tasks.train.run import train_lora
@@ -46,7 +47,6 @@ DEMO_SPEC = REPO / "sweeps" / "demo.toml"
 # The concept's class in the world's own words: its shape on its background, without the trigger or the
 # colours only the concept has (the world captions every image "a <colour> <shape> on a <colour> background").
 CLASS_PROMPT = "a triangle on a teal background"
-NEGATIVE = "blurry"
 FIRST_EVAL_SEED = 10_000  # evaluation seeds start here: no class image (seeds 0 ..) is rendered with one
 
 
@@ -57,7 +57,7 @@ class Settings:
     class_prompt: str = CLASS_PROMPT
     num_class_images: int = 50
     prior_loss_weight: float = 1.0
-    seeds: int = 8  # evaluation seeds per prompt
+    seeds: int = 16  # evaluation seeds per prompt
     class_cfg_scale: float = 1.0  # CFG of the class images (training.prior_preservation.cfg_scale)
     train_on: str = "latents"  # training.prior_preservation.train_on: the sampler's latents or the PNGs re-encoded
     max_steps: int = 200
@@ -65,7 +65,8 @@ class Settings:
 
 @dataclass(frozen=True)
 class Outcome:
-    """One trained LoRA at weight 1: its concept score and how far it moved the class prompt's images."""
+    """One trained LoRA at weight 1: its concept score and how far it moved the class prompt's images, under
+    the first render setting (the render stage's: Euler a, CFG 7, negative "blurry")."""
 
     run_id: str
     concept: float  # mean concept score of the demo's prompts
@@ -83,6 +84,11 @@ class Comparison:
     base_class_concept: float  # the base model's class prompt images, for reference
     base_other_seeds_pixels: float  # mean |base image - base image at another seed|: unrelated images, 0-255
     base_other_seeds_colours: float  # chi2 between the base images' pooled histogram and the other seeds'
+    by_setting: tuple[SettingFigures, ...] = ()  # the class prompt's movement under each render setting
+
+    def setting(self, label: str) -> SettingFigures:
+        """The figures of the render setting labelled `label` ("a" .. "d")."""
+        return next(figures for figures in self.by_setting if figures.setting.label == label)
 
     def lines(self, settings: Settings) -> list[str]:
         head = (f"prior preservation on the demo world: class prompt {settings.class_prompt!r}, "
@@ -97,8 +103,9 @@ class Comparison:
                                      ("class prompt concept score", "class_concept"), ("training s", "train_s"))),
                 f"base model's class prompt concept score: {self.base_class_concept:.3f}",
                 (f"base model, class prompt at other seeds: |pixel diff| {self.base_other_seeds_pixels:.2f}, "
-                 f"colour histogram chi2 {self.base_other_seeds_colours:.3f}")]
-        return [head, *rows]
+                 f"colour histogram chi2 {self.base_other_seeds_colours:.3f}"),
+                "class prompt vs base images under each render setting (unrelated: base model at other seeds):"]
+        return [head, *rows, *(line for figures in self.by_setting for line in figures.lines())]
 
 
 def demo_data(out: Path, settings: Settings, prior: bool) -> dict:
@@ -125,63 +132,50 @@ def train(out: Path, settings: Settings, prior: bool) -> tuple[TrainingRunSpec, 
     return run, SweepLayout(Path(run.sweep_root)).checkpoint_dir(run.run_id, run.max_steps), time.perf_counter() - start
 
 
-def render(pipe, config: dict, prompt: str, seeds: list[int], size: int) -> list[np.ndarray]:
-    """Euler a (from the base model's scheduler `config`), 20 steps, CFG 7, one CPU generator per image (as
-    the render stage does); uint8 arrays."""
-    pipe.scheduler = make_scheduler("Euler a", config, seed=seeds)
-    images = pipe(prompt=[prompt] * len(seeds), negative_prompt=[NEGATIVE] * len(seeds), num_inference_steps=20,
-                  guidance_scale=7.0, width=size, height=size,
-                  generator=[torch.Generator(device="cpu").manual_seed(s) for s in seeds]).images
-    return [np.asarray(image) for image in images]
+def eval_seeds(settings: Settings) -> list[int]:
+    """The evaluation seeds, none of them a class image's."""
+    return list(range(FIRST_EVAL_SEED, FIRST_EVAL_SEED + settings.seeds))
 
 
-def outcome(pipe, config: dict, run: TrainingRunSpec, train_s: float, prompts: list[str],
-            base_class: list[np.ndarray], settings: Settings) -> Outcome:
-    """Render with the adapter set on `pipe` and measure it against the base model's class images."""
-    seeds = list(range(FIRST_EVAL_SEED, FIRST_EVAL_SEED + settings.seeds))
-    concept = [concept_score(img, DEMO_CONCEPT) for p in prompts for img in render(pipe, config, p, seeds,
-                                                                                   run.resolution)]
-    moved = render(pipe, config, settings.class_prompt, seeds, run.resolution)
-    pixels = pixel_distances(moved, base_class)
-    ssim = [1 - structural_similarity(a, b, channel_axis=2, data_range=255) for a, b in zip(moved, base_class, strict=True)]
-    colours = float(chi2(pooled_colours(moved), pooled_colours(base_class)))
-    return Outcome(run.run_id, float(np.mean(concept)), float(np.mean(pixels)), float(np.mean(ssim)), colours,
-                   float(np.mean([concept_score(img, DEMO_CONCEPT) for img in moved])), train_s)
+def measure_lora(pipe, config: dict, run: TrainingRunSpec, train_s: float, prompts: list[str],
+                 base: dict[str, list[np.ndarray]], settings: Settings,
+                 render_settings: tuple[RenderSetting, ...]) -> tuple[Outcome, dict[str, Movement]]:
+    """Render with the adapter set on `pipe`: its Outcome under the first render setting, and the class
+    prompt's movement from the base model's images (`base`, by setting label) under each setting."""
+    seeds, size, first = eval_seeds(settings), run.resolution, render_settings[0]
+    images = {s.label: render(pipe, config, settings.class_prompt, seeds, size, s) for s in render_settings}
+    moved = {label: movement(found, base[label]) for label, found in images.items()}
+    concept = [concept_score(img, DEMO_CONCEPT) for p in prompts for img in render(pipe, config, p, seeds, size, first)]
+    leak = [concept_score(img, DEMO_CONCEPT) for img in images[first.label]]
+    headline = moved[first.label]
+    return (Outcome(run.run_id, float(np.mean(concept)), headline.pixels, headline.ssim_distance, headline.colours,
+                    float(np.mean(leak)), train_s), moved)
 
 
-def pixel_distances(images: list[np.ndarray], others: list[np.ndarray]) -> list[float]:
-    """Mean absolute difference (0-255) of each image from its counterpart."""
-    return [float(np.abs(a.astype(float) - b.astype(float)).mean()) for a, b in zip(images, others, strict=True)]
-
-
-def pooled_colours(images: list[np.ndarray]) -> np.ndarray:
-    """The mean colour histogram of a set of images (tasks.score.image_features): the set's colours, whatever
-    the seed that drew each image."""
-    return np.mean([color_hist(image) for image in images], axis=0)
-
-
-def compare(out: Path, settings: Settings = Settings()) -> Comparison:
+def compare(out: Path, settings: Settings = Settings(),
+            render_settings: tuple[RenderSetting, ...] = RENDER_SETTINGS) -> Comparison:
     """Train both runs under `out`, render and measure (see the module docstring)."""
     plain_run, plain_dir, plain_s = train(out, settings, prior=False)
     prior_run, prior_dir, prior_s = train(out, settings, prior=True)
-    spec = parse_spec(demo_data(out, settings, prior=False))
-    prompts = list(spec.prompt_texts())
+    prompts = list(parse_spec(demo_data(out, settings, prior=False)).prompt_texts())
     pipe = load_pipeline(plain_run.base_model_path)
     pipe.set_progress_bar_config(disable=True)
-    config = dict(pipe.scheduler.config)
-    seeds = list(range(FIRST_EVAL_SEED, FIRST_EVAL_SEED + settings.seeds))
-    base_class = render(pipe, config, settings.class_prompt, seeds, plain_run.resolution)
+    config, seeds, size = dict(pipe.scheduler.config), eval_seeds(settings), plain_run.resolution
+    others = [s + settings.seeds for s in seeds]
+    base = {s.label: render(pipe, config, settings.class_prompt, seeds, size, s) for s in render_settings}
+    unrelated = {s.label: movement(render(pipe, config, settings.class_prompt, others, size, s), base[s.label])
+                 for s in render_settings}
     pipe.load_lora_weights(str(plain_dir), weight_name=DIFFUSERS_FILE, adapter_name="without")
     pipe.load_lora_weights(str(prior_dir), weight_name=DIFFUSERS_FILE, adapter_name="with")
     pipe.set_adapters(["without"], adapter_weights=[1.0])
-    without = outcome(pipe, config, plain_run, plain_s, prompts, base_class, settings)
+    without, moved_without = measure_lora(pipe, config, plain_run, plain_s, prompts, base, settings, render_settings)
     pipe.set_adapters(["with"], adapter_weights=[1.0])
-    with_prior = outcome(pipe, config, prior_run, prior_s, prompts, base_class, settings)
-    base = float(np.mean([concept_score(img, DEMO_CONCEPT) for img in base_class]))
-    pipe.disable_lora()
-    other = render(pipe, config, settings.class_prompt, [s + settings.seeds for s in seeds], plain_run.resolution)
-    return Comparison(without, with_prior, base, float(np.mean(pixel_distances(other, base_class))),
-                      float(chi2(pooled_colours(other), pooled_colours(base_class))))
+    with_prior, moved_with = measure_lora(pipe, config, prior_run, prior_s, prompts, base, settings, render_settings)
+    first = render_settings[0].label
+    by_setting = tuple(SettingFigures(s, moved_without[s.label], moved_with[s.label], unrelated[s.label])
+                       for s in render_settings)
+    return Comparison(without, with_prior, float(np.mean([concept_score(img, DEMO_CONCEPT) for img in base[first]])),
+                      unrelated[first].pixels, unrelated[first].colours, by_setting)
 
 
 def main(argv: list[str] | None = None) -> int:
