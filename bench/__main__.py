@@ -15,7 +15,7 @@ for _name, _value in {"HF_HUB_OFFLINE": "1", "DO_NOT_TRACK": "1", "PREFECT_SERVE
                       "TQDM_DISABLE": "1", "PREFECT_LOGGING_LEVEL": "WARNING"}.items():
     os.environ.setdefault(_name, _value)  # before torch, diffusers or prefect read them
 
-from bench.runner import CPU_SUITES, Options, run_and_report  # noqa: E402
+from bench.runner import CPU_SUITES, GPU_SUITES, Options, run_and_report  # noqa: E402
 
 NO_CUDA = ("--gpu needs CUDA, and torch.cuda.is_available() is False here (torch {version}). Run it on a "
            "machine with an NVIDIA GPU and a CUDA build of torch, or use --gpu-dry-run to run the GPU code "
@@ -30,8 +30,8 @@ def parse_args(argv: list[str] | None) -> Options:
     parser.add_argument("--gpu-dry-run", action="store_true", help="the GPU suite on CPU with toy UNets")
     parser.add_argument("--compile", action="store_true", help="GPU suite: add a torch.compile variant")
     parser.add_argument("--peak-tflops", type=float, help="GPU suite: the card's dense bf16 peak, if not known")
-    parser.add_argument("--only", help=f"comma-separated suites (default: all of {','.join(CPU_SUITES)}, plus gpu "
-                                       "with --gpu or --gpu-dry-run)")
+    parser.add_argument("--only", help=f"comma-separated suites (default: all of {','.join(CPU_SUITES)}, plus "
+                                       f"{','.join(GPU_SUITES)} with --gpu or --gpu-dry-run)")
     parser.add_argument("--threads", type=int, help="torch threads here and in child processes (default: torch's "
                                                      "choice); 1 keeps figures stable on a busy shared machine")
     parser.add_argument("--out", default=None, help="results folder (default: bench/results)")
@@ -46,12 +46,12 @@ def parse_args(argv: list[str] | None) -> Options:
     if args.threads is not None and args.threads < 1:
         problems.append(f"--threads {args.threads}: must be >= 1")
     gpu = "gpu" if args.gpu else "dry-run" if args.gpu_dry_run else None
-    allowed = CPU_SUITES + (("gpu",) if gpu else ())
+    allowed = CPU_SUITES + (GPU_SUITES if gpu else ())
     suites = allowed if not args.only else tuple(s.strip() for s in args.only.split(",") if s.strip())
     unknown = [s for s in suites if s not in allowed]
     if unknown:
         problems.append(f"--only {args.only!r}: unknown suite(s) {unknown}; allowed: {', '.join(allowed)}"
-                        + ("" if gpu else " (gpu with --gpu or --gpu-dry-run)"))
+                        + ("" if gpu else f" ({','.join(GPU_SUITES)} with --gpu or --gpu-dry-run)"))
     if problems:
         parser.error("; ".join(problems))
     return Options(quick=args.quick, suites=suites, gpu=gpu, compile=args.compile, peak_tflops=args.peak_tflops,

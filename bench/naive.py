@@ -85,10 +85,12 @@ def notebook_render(job: RenderJobSpec, out_dir: Path, device: str) -> int:
 
 
 def bare_batched_render(pipe: StableDiffusionPipeline, job: RenderJobSpec) -> Callable[[], int]:
-    """One pipe() call per LoRA weight over the whole grid, the pipeline and LoRA already loaded.
+    """pipe() calls over the grid in the batches the render task uses (per LoRA weight, sampler, steps and
+    CFG, at most MAX_BATCH images each), the pipeline and LoRA already loaded, nothing written.
 
     Returns the call to time (it returns the image count); what `render_job` adds on top is our overhead.
     """
+    from tasks.render.job import MAX_BATCH
     from tasks.render.samplers import make_scheduler
     from tasks.sweep.cells import grid_cells
 
@@ -96,15 +98,16 @@ def bare_batched_render(pipe: StableDiffusionPipeline, job: RenderJobSpec) -> Ca
     groups: dict[tuple, list] = {}
     for cell in cells:
         groups.setdefault((cell.lora_weight, cell.sampler, cell.steps, cell.cfg_scale), []).append(cell)
+    batches = [(key, group[i : i + MAX_BATCH]) for key, group in groups.items() for i in range(0, len(group), MAX_BATCH)]
     base_config = dict(pipe.scheduler.config)
 
     def call() -> int:
-        for (weight, sampler, steps, cfg), group in groups.items():
+        for (weight, sampler, steps, cfg), batch in batches:
             pipe.set_adapters(["lora"], adapter_weights=[weight])
-            pipe.scheduler = make_scheduler(sampler, base_config, seed=[c.seed for c in group])
-            pipe(prompt=[c.prompt for c in group], negative_prompt=[job.negative_prompt] * len(group),
+            pipe.scheduler = make_scheduler(sampler, base_config, seed=[c.seed for c in batch])
+            pipe(prompt=[c.prompt for c in batch], negative_prompt=[job.negative_prompt] * len(batch),
                  num_inference_steps=steps, guidance_scale=cfg, width=job.width, height=job.height,
-                 generator=[torch.Generator(device="cpu").manual_seed(c.seed) for c in group])
+                 generator=[torch.Generator(device="cpu").manual_seed(c.seed) for c in batch])
         return len(cells)
 
     return call

@@ -17,11 +17,11 @@ import torch
 from bench.measure import PeakCudaMemory, PeakRss, Row, cuda_sync, rate_row, ratio_row, timed
 from bench.naive import bare_batched_render, notebook_render
 from tasks.lora.files import DIFFUSERS_FILE
-from tasks.models.pipeline_pool import release_idle_pipelines
 from tasks.models.base_model import load_pipeline
-from tasks.render.job import ADAPTER, render_job
+from tasks.models.pipeline_pool import release_idle_pipelines
+from tasks.render.job import ADAPTER, PRECISIONS, render_job
 from tasks.sweep.cells import grid_cells
-from tasks.sweep.devices import torch_device
+from tasks.sweep.devices import resolve_precision, torch_device
 from tasks.sweep.plan import RenderJobSpec
 
 SUITE = "render"
@@ -29,38 +29,74 @@ SCALES = (1, 4, 16)
 
 
 def bench_render(job: RenderJobSpec, scratch: Path, *, repeats: int) -> list[Row]:
-    """Rows: images/s of ours, the notebook loop and the bare call; ratios; peak memory."""
+    """Rows: images/s of ours, the notebook loop and the bare call; our overhead at 1x and 4x the cells; memory.
+
+    Ours and the bare call are timed next to each other in every repeat, in alternating order, so load that
+    drifts on a shared machine falls on both; memory is measured on separate, untimed calls (its sampling
+    thread would otherwise be timed with ours alone)."""
     device = torch_device()
-    images = len(grid_cells(job))
-    bare_call = bare_batched_render(_loaded_pipeline(job, device), job)
-    bare_call()  # first-call costs (allocations, lazy imports) would otherwise land on one variant
-    render_job(_fresh(job, scratch / "warmup"))  # and fills the model-hash cache, as a sweep's first job does
-    times: dict[str, list[float]] = {"ours": [], "cold": [], "notebook": [], "bare": []}
-    memory: dict[str, list[float]] = {"ours": [], "notebook": []}
+    times = paired_overhead(job, scratch, repeats=repeats) | {"cold": [], "notebook": []}
     for r in range(repeats):
-        times["ours"].append(_with_memory(lambda: render_job(_fresh(job, scratch / f"ours-{r}")), memory["ours"]))
         release_idle_pipelines()
-        times["cold"].append(timed(lambda: render_job(_fresh(job, scratch / f"cold-{r}")), cuda_sync))
-        times["notebook"].append(_with_memory(lambda: notebook_render(job, scratch / f"notebook-{r}", device),
-                                              memory["notebook"]))
-        times["bare"].append(timed(bare_call, cuda_sync))
+        times["cold"].append(timed(lambda d=f"cold-{r}": render_job(_fresh(job, scratch / d)), cuda_sync))
+        times["notebook"].append(timed(lambda d=f"notebook-{r}": notebook_render(job, scratch / d, device), cuda_sync))
+    memory = {"ours": _peak_memory(lambda: render_job(_fresh(job, scratch / "memory-ours"))),
+              "notebook": _peak_memory(lambda: notebook_render(job, scratch / "memory-notebook", device))}
+    images = len(grid_cells(job))
     shape = f"{images} images: {_grid_text(job)}"
-    unit, note = ("MiB", "torch.cuda.max_memory_allocated") if device == "cuda" else (
-        "MiB", "process RSS peak during the call (psutil)")
     per_s = {k: [images / t for t in v] for k, v in times.items()}
+    unit, note = ("MiB", "torch.cuda.max_memory_allocated") if device == "cuda" else (
+        "MiB", "process RSS peak during one untimed call (psutil)")
     return [
-        rate_row(SUITE, "ours: render_job (pooled pipeline, batched)", images, times["ours"], "images/s", shape),
         rate_row(SUITE, "ours, cold: render_job loading the pipeline", images, times["cold"], "images/s", shape),
         rate_row(SUITE, "notebook: load pipeline + LoRA per image, batch 1", images, times["notebook"],
                  "images/s", shape),
-        rate_row(SUITE, "bare: pipe() batched, all loaded, no I/O", images, times["bare"], "images/s", shape),
+        *overhead_rows(SUITE, "", job, times),
         ratio_row(SUITE, "ours / notebook images/s", per_s["ours"], per_s["notebook"], "median of per-repeat ratios"),
-        ratio_row(SUITE, "bare / ours images/s (our overhead)", per_s["bare"], per_s["ours"],
-                  "1.0 = no overhead; ours includes the LoRA load, PNG, grid and Parquet writes"),
         ratio_row(SUITE, "bare / ours cold images/s", per_s["bare"], per_s["cold"],
                   "a process's first render job: the pipeline load on top"),
-        Row("memory", "render ours: peak memory", unit, tuple(memory["ours"]), note),
-        Row("memory", "render notebook: peak memory", unit, tuple(memory["notebook"]), note),
+        Row("memory", "render ours: peak memory", unit, (memory["ours"],), note),
+        Row("memory", "render notebook: peak memory", unit, (memory["notebook"],), note),
+    ]
+
+
+def paired_overhead(job: RenderJobSpec, scratch: Path, *, repeats: int) -> dict[str, list[float]]:
+    """Seconds of `render_job` ("ours") and of the bare batched calls ("bare") for the job and for 4x its
+    cells ("ours 4x", "bare 4x"): each pair timed next to each other, in alternating order."""
+    pipe = _loaded_pipeline(job, torch_device())
+    larger = _scaled(job, 4)
+    cases = [("", job, bare_batched_render(pipe, job)), (" 4x", larger, bare_batched_render(pipe, larger))]
+    for _, _, bare in cases:
+        bare()  # first-call costs (allocations, lazy imports, kernel choice) would otherwise land on one variant
+    render_job(_fresh(job, scratch / "warmup"))  # and fills the model-hash cache, as a sweep's first job does
+    times: dict[str, list[float]] = {name: [] for name in ("ours", "bare", "ours 4x", "bare 4x")}
+    for r in range(repeats):
+        for label, measured, bare in cases:
+            pair = [("ours", lambda m=measured, d=f"ours{label}-{r}": render_job(_fresh(m, scratch / d))),
+                    ("bare", bare)]
+            for name, call in pair if r % 2 == 0 else pair[::-1]:
+                times[name + label].append(timed(call, cuda_sync))
+    del pipe
+    return times
+
+
+def overhead_rows(suite: str, prefix: str, job: RenderJobSpec, times: dict[str, list[float]]) -> list[Row]:
+    """Images/s of ours and bare at 1x and 4x the cells, and bare / ours (our overhead) at each."""
+    larger = _scaled(job, 4)
+    images, images_4x = len(grid_cells(job)), len(grid_cells(larger))
+    shape, shape_4x = f"{images} images: {_grid_text(job)}", f"{images_4x} images: {_grid_text(larger)}"
+    per_s = {k: [(images_4x if k.endswith("4x") else images) / t for t in v] for k, v in times.items()}
+    return [
+        rate_row(suite, f"{prefix}ours: render_job (pooled pipeline, batched)", images, times["ours"], "images/s",
+                 shape),
+        rate_row(suite, f"{prefix}bare: pipe() batched, all loaded, no I/O", images, times["bare"], "images/s", shape),
+        rate_row(suite, f"{prefix}ours at 4x cells", images_4x, times["ours 4x"], "images/s", shape_4x),
+        rate_row(suite, f"{prefix}bare at 4x cells", images_4x, times["bare 4x"], "images/s", shape_4x),
+        ratio_row(suite, f"{prefix}bare / ours images/s (our overhead)", per_s["bare"], per_s["ours"],
+                  "1.0 = no overhead; ours includes the LoRA swap, PNG, grid and Parquet writes; pairs timed "
+                  "next to each other, order alternating"),
+        ratio_row(suite, f"{prefix}bare / ours images/s at 4x cells", per_s["bare 4x"], per_s["ours 4x"],
+                  "4 LoRA weights x the same prompts and seeds: 4 pipeline calls of the same batch size"),
     ]
 
 
@@ -100,18 +136,19 @@ def _fresh(job: RenderJobSpec, root: Path) -> RenderJobSpec:
 
 def _loaded_pipeline(job: RenderJobSpec, device: str):
     assert job.checkpoint is not None, "the render benchmark needs a LoRA checkpoint"
-    pipe = load_pipeline(job.base_model_path, config=job.base_model.config, device=device)
+    dtype = PRECISIONS[resolve_precision(job.precision, device)]  # the render task's own (fp16 on CUDA by default)
+    pipe = load_pipeline(job.base_model_path, config=job.base_model.config, device=device, torch_dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
     pipe.load_lora_weights(job.checkpoint.lora_dir, weight_name=DIFFUSERS_FILE, adapter_name=ADAPTER)
     return pipe
 
 
-def _with_memory(fn, peaks: list[float]) -> float:
-    """Seconds `fn` takes; appends its peak memory (GPU allocated, else process RSS) to `peaks`."""
+def _peak_memory(fn) -> float:
+    """The peak memory (GPU allocated, else process RSS) of one call of `fn`, in MiB."""
     with PeakRss() as rss, PeakCudaMemory() as gpu:
-        seconds = timed(fn, cuda_sync)
-    peaks.append(gpu.peak_mb if torch.cuda.is_available() else rss.peak_mb)
-    return seconds
+        fn()
+        cuda_sync()
+    return gpu.peak_mb if torch.cuda.is_available() else rss.peak_mb
 
 
 def _grid_text(job: RenderJobSpec) -> str:

@@ -14,6 +14,7 @@ from bench.table import RunInfo, format_table, write_results
 from tasks.sweep.devices import torch_device
 
 CPU_SUITES = ("train", "render", "grid", "flow")
+GPU_SUITES = ("gpu", "render-size")  # full-size UNets' throughput; the render task's overhead at SD1.5 512 px
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
@@ -72,6 +73,12 @@ def collect(options: Options, scratch: Path, *, harness: bool = True) -> list[Ro
         from bench.gpu_bench import bench_gpu
 
         rows += bench_gpu(gpu_settings(options))
+    if "render-size" in options.suites and options.gpu:
+        _say(f"render-size: render_job vs bare batched calls at a real model's size ({options.gpu})")
+        from bench.render_real_size import bench_render_real_size
+
+        rows += bench_render_real_size(scratch / "render-size", dry_run=options.gpu == "dry-run",
+                                       repeats=sizes.render_repeats)
     return rows
 
 

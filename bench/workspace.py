@@ -20,19 +20,20 @@ TRIGGER = "zqx"
 
 
 def sweep_data(output_dir: Path, *, rank: int = 4, max_steps: int = 4, batch_size: int = 4,
-               steps: int = 20) -> dict:
-    """A one-run sweep on the builtin tiny model and demo world at 64 px (parsed-TOML form)."""
+               steps: int = 20, model: tuple[str, str] = ("tiny-sd15", "builtin:tiny-sd15"), size: int = 64) -> dict:
+    """A one-run sweep on the demo world (parsed-TOML form): the builtin tiny model at 64 px unless another
+    (name, path) and size are given."""
     return {
         "name": "bench",
         "output_dir": str(output_dir),
         "dataset": {"path": "builtin:demo-world", "trigger_word": TRIGGER},
-        "base_models": [{"name": "tiny-sd15", "path": "builtin:tiny-sd15"}],
+        "base_models": [{"name": model[0], "path": model[1]}],
         "training": {"ranks": [rank], "alpha": float(rank), "max_steps": max_steps,
                      "checkpoint_steps": [max_steps], "learning_rate": 1e-3, "batch_size": batch_size,
-                     "resolution": 64, "seed": 0},
+                     "resolution": size, "seed": 0},
         "render": {"prompts": ["a photo of {trigger}", "a photo of {trigger} on a teal background"],
                    "negative_prompt": "blurry", "seeds": [1, 2, 3, 4], "samplers": ["Euler a"],
-                   "steps": [steps], "lora_weights": [1.0], "cfg_scales": [7.0], "width": 64, "height": 64},
+                   "steps": [steps], "lora_weights": [1.0], "cfg_scales": [7.0], "width": size, "height": size},
     }
 
 
@@ -46,7 +47,7 @@ class Workspace:
     run: TrainingRunSpec
 
     @classmethod
-    def create(cls, root: Path, **overrides: int) -> Workspace:
+    def create(cls, root: Path, **overrides: object) -> Workspace:
         spec = parse_spec(sweep_data(root, **overrides), "bench workspace")
         with contextlib.redirect_stdout(sys.stderr):  # its dataset summary would land inside the table
             inputs = prepare_inputs(spec)  # builds the tiny model and the demo dataset on first use

@@ -20,7 +20,8 @@ TRAIN = ["ours: fit_lora, cache on (latents + text encoded once)",
          "encode dataset: warm disk cache"]
 RENDER = ["ours: render_job (pooled pipeline, batched)", "ours, cold: render_job loading the pipeline",
           "notebook: load pipeline + LoRA per image, batch 1", "bare: pipe() batched, all loaded, no I/O",
-          "ours / notebook images/s", "bare / ours images/s (our overhead)", "bare / ours cold images/s"]
+          "ours at 4x cells", "bare at 4x cells", "ours / notebook images/s", "bare / ours images/s (our overhead)",
+          "bare / ours images/s at 4x cells", "bare / ours cold images/s"]
 GRID = [f"render_job {k}x cells: {what}" for k in (1, 4, 16) for what in ("wall time", "images/s")] + [
     "time 4x / 1x", "time 16x / 1x"]
 FLOW = ["flow wall time", "compute: training loops (sum runs.wall_time_s)", "compute: renders (sum images.render_s)",
@@ -47,7 +48,11 @@ def gpu_rows(label: str, *, reference: bool) -> list[tuple[str, str]]:
     return rows
 
 
+RENDER_SIZE = [f"tiny-sd15 64px {n}" for n in (
+    "ours: render_job (pooled pipeline, batched)", "bare: pipe() batched, all loaded, no I/O", "ours at 4x cells",
+    "bare at 4x cells", "bare / ours images/s (our overhead)", "bare / ours images/s at 4x cells")]
 EXPECTED = {("train", n) for n in TRAIN} | {("render", n) for n in RENDER} | {("grid", n) for n in GRID} | {
+    ("render-size", n) for n in RENDER_SIZE} | {
     ("memory", n) for n in MEMORY[:4]} | set(gpu_rows("toy-sd15 32px", reference=True)) | set(
     gpu_rows("toy-sdxl 64px", reference=False))
 EXPECTED_FLOW = {("flow", n) for n in FLOW} | {("memory", MEMORY[4]), ("flow", "Prefect test harness start")}
@@ -67,7 +72,8 @@ def quick_rows(tmp_path_factory: pytest.TempPathFactory):
     """The in-process suites at quick sizes, the GPU suite as a CPU dry run with torch.compile (eager)."""
     import torch
 
-    options = Options(quick=True, suites=("train", "render", "grid", "gpu"), gpu="dry-run", compile=True)
+    options = Options(quick=True, suites=("train", "render", "grid", "gpu", "render-size"), gpu="dry-run",
+                      compile=True)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # two threads on a busy 2-core machine run ~10x slower (OpenMP barriers)
     try:

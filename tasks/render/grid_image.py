@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import functools
 import json
+import threading
 import unicodedata
 from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +39,7 @@ TITLE_LINES = 4
 DEFAULT_Z_AXES = ("steps", "cfg_scale", "prompt_index", "seed")
 
 Row = Mapping[str, Any]
+_FONT_LOCK = threading.Lock()
 # Characters Pillow's embedded Aileron lacks, spelled with ones it has.
 _ASCII_SPELLING = {
     "ß": "ss", "æ": "ae", "Æ": "AE", "œ": "oe", "Œ": "OE", "ø": "o", "Ø": "O", "ł": "l", "Ł": "L",
@@ -327,16 +330,17 @@ def plan_layout(plan: GridPlan, title: str) -> GridLayout:
 
 def compose_grid(plan: GridPlan, title: str) -> Image.Image:
     """Draw one grid: title, column labels, row labels, then each cell's image (grey where missing)."""
-    layout = plan_layout(plan, title)
-    canvas = Image.new("RGB", layout.size, BACKGROUND)
-    draw = ImageDraw.Draw(canvas)
-    _draw_lines(draw, layout.title_lines, (0, 0, layout.size[0], layout.title_h), layout.title_size)
-    for i, lines in enumerate(layout.col_lines):
-        left, top, right, _ = layout.cell_box(i, 0)
-        _draw_lines(draw, lines, (left, top - layout.header_h, right, top), layout.label_size)
-    for j, lines in enumerate(layout.row_lines):
-        _, top, _, bottom = layout.cell_box(0, j)
-        _draw_lines(draw, lines, (0, top, layout.left_w, bottom), layout.label_size)
+    with _FONT_LOCK:  # the cached FreeType fonts are shared: one thread measures and draws text at a time
+        layout = plan_layout(plan, title)
+        canvas = Image.new("RGB", layout.size, BACKGROUND)
+        draw = ImageDraw.Draw(canvas)
+        _draw_lines(draw, layout.title_lines, (0, 0, layout.size[0], layout.title_h), layout.title_size)
+        for i, lines in enumerate(layout.col_lines):
+            left, top, right, _ = layout.cell_box(i, 0)
+            _draw_lines(draw, lines, (left, top - layout.header_h, right, top), layout.label_size)
+        for j, lines in enumerate(layout.row_lines):
+            _, top, _, bottom = layout.cell_box(0, j)
+            _draw_lines(draw, lines, (0, top, layout.left_w, bottom), layout.label_size)
     for j in range(layout.n_rows):
         for i in range(layout.n_cols):
             box = layout.cell_box(i, j)
@@ -376,14 +380,18 @@ def _save_atomic(image: Image.Image, path: Path, metadata: Mapping[str, Any]) ->
 
 def write_grid_images(
     job_images: Sequence[Row], out_dir: Path, *, title: str, x_axis: str = "lora_weight",
-    y_axis: str = "sampler", z_axes: tuple[str, ...] = DEFAULT_Z_AXES,
+    y_axis: str = "sampler", z_axes: tuple[str, ...] = DEFAULT_Z_AXES, workers: int = 1,
 ) -> list[Path]:
-    """Write one labelled grid PNG per z combination of one render job's image rows; returns every
-    grid path in plan order. A grid file already on disk is kept as it is (re-runs write nothing)."""
+    """Write one labelled grid PNG per z combination of one render job's image rows; returns every grid path
+    in plan order. A grid file already on disk is kept as it is (re-runs write nothing). With `workers` > 1
+    grids are drawn and encoded on that many threads (zlib and image decoding release the GIL)."""
     plans = plan_grids(job_images, out_dir, x_axis=x_axis, y_axis=y_axis, z_axes=z_axes)
-    for plan in plans:
-        if plan.path.exists():
-            continue
+
+    def write(plan: GridPlan) -> None:
         plan.path.parent.mkdir(parents=True, exist_ok=True)
         _save_atomic(compose_grid(plan, title), plan.path, grid_metadata(plan, title))
+
+    missing = [plan for plan in plans if not plan.path.exists()]
+    with ThreadPoolExecutor(max_workers=max(1, min(workers, len(missing))), thread_name_prefix="grid") as pool:
+        list(pool.map(write, missing))  # re-raises the first failure, once every started grid is done
     return [plan.path for plan in plans]

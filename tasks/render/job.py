@@ -4,9 +4,12 @@ stacked at their own weights on every image, the baseline's included.
 
 The pipeline and the LoRA are loaded once; weights switch with `set_adapters` and samplers
 swap from the scheduler config. Every image has its own generator seeded from its seed, so no
-pixel depends on batch size, order or the rest of the grid. A PNG is written atomically and
+image's noise depends on batch size, order or the rest of the grid (kernels may still round a few
+pixels one level differently at another batch size: measured on the CPU, see tests/test_render_writes.py). A PNG is written atomically and
 found again on a re-run, so an interrupted job only renders what is missing; a claim per job
-keeps two sweeps that share the output folder from rendering it twice.
+keeps two sweeps that share the output folder from rendering it twice. PNGs are encoded and
+written on writer threads while the next batch denoises (at most one batch behind); the job
+waits for every write, and a failed batch still keeps the images written before it.
 """
 
 from __future__ import annotations
@@ -15,8 +18,11 @@ import dataclasses
 import itertools
 import json
 import logging
+import os
 import time
-from dataclasses import dataclass
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -49,6 +55,9 @@ log = logging.getLogger(__name__)
 ADAPTER = "lora"
 EXTRA_ADAPTER_PREFIX = "extra_"
 MAX_BATCH = 8
+# Threads encoding and writing PNGs (images beside the next batch's denoising, then the grids): zlib releases
+# the GIL, so a 512 px image's ~30 ms encode overlaps the GPU's (or the other cores') work.
+WRITERS = min(4, os.cpu_count() or 1)
 LOCK_FILE = "render.lock"  # the job's claim: one renderer at a time
 RENDERERS_FILE = "rendered_by.jsonl"  # one line per attempt that got the claim with the job unfinished
 
@@ -81,11 +90,11 @@ def _render_claimed(job: RenderJobSpec, layout: SweepLayout, out_dir: Path, tabl
     cells = grid_cells(job)
     todo = [c for c in cells if not (out_dir / f"{image_id(job, c)}.png").exists()]
     log.info("render %s: %d images, %d already on disk", job.render_id, len(cells), len(cells) - len(todo))
-    if todo:
-        _render_missing(job, todo, out_dir)
+    seconds = _render_missing(job, todo, out_dir) if todo else {}
     tokenizer = load_clip_tokenizer()  # the CLIP BPE vocabulary SD1.x and SDXL share: counts only
     tokens = {p: prompt_tokens(p, job.prompt_syntax, tokenizer) for p in {c.prompt for c in cells}}
-    rows = [_image_row(job, c, out_dir / f"{image_id(job, c)}.png", tokens[c.prompt]) for c in cells]
+    rows = [_image_row(job, c, out_dir / f"{image_id(job, c)}.png", tokens[c.prompt], seconds.get(image_id(job, c)))
+            for c in cells]
     _write_grids(job, layout, rows, out_dir)
     return write_rows("images", rows, table_file)
 
@@ -102,10 +111,11 @@ def _write_grids(job: RenderJobSpec, layout: SweepLayout, rows: list[dict[str, o
     title = job_title(rows[0])
     # Clip skip joins the fixed values only when it varies, so grids of jobs without it keep their names.
     z_axes = (*DEFAULT_Z_AXES, "clip_skip") if len(job.clip_skips) > 1 else DEFAULT_Z_AXES
-    write_grid_images([*shared, *rows], out_dir, title=title, z_axes=z_axes)
+    write_grid_images([*shared, *rows], out_dir, title=title, z_axes=z_axes, workers=WRITERS)
 
 
-def _render_missing(job: RenderJobSpec, todo: list[Cell], out_dir: Path) -> None:
+def _render_missing(job: RenderJobSpec, todo: list[Cell], out_dir: Path) -> dict[str, float]:
+    """Render `todo` and write their PNGs; each image's seconds of denoising and decoding, by image id."""
     # Half precision: weights and activations in that dtype; an SDXL VAE whose config asks for it
     # (force_upcast) still decodes in fp32 inside diffusers' pipeline. The pipeline comes from the
     # process's pool (tasks.models.pipeline_pool): loaded by the first job, clean again after each.
@@ -114,15 +124,26 @@ def _render_missing(job: RenderJobSpec, todo: list[Cell], out_dir: Path) -> None
                            torch_dtype=PRECISIONS[job.precision], keep_adapter=ADAPTER if plain else None) as pipe:
         patches = None if plain or not job.checkpoint else _network_patches(pipe, job)  # before the extras
         try:
-            _render_cells(pipe, job, todo, out_dir, patches)
+            return _render_cells(pipe, job, todo, out_dir, patches)
         finally:
             if patches is not None:
                 patches.set_weight(0.0)  # the base weights back, bit for bit, before the pipeline is reused
 
 
-def _render_cells(pipe, job: RenderJobSpec, todo: list[Cell], out_dir: Path, patches: WeightPatches | None) -> None:
-    batch = _BatchRenderer(pipe, job, dict(pipe.scheduler.config), PromptConditioner(pipe, job, torch_device()),
-                           _MetadataContext.build(job), out_dir)
+def _render_cells(pipe, job: RenderJobSpec, todo: list[Cell], out_dir: Path,
+                  patches: WeightPatches | None) -> dict[str, float]:
+    with ThreadPoolExecutor(max_workers=WRITERS, thread_name_prefix=f"png {job.render_id}") as writer:
+        batch = _BatchRenderer(pipe, job, dict(pipe.scheduler.config), PromptConditioner(pipe, job, torch_device()),
+                               _MetadataContext.build(job), out_dir, writer)
+        try:
+            _render_groups(pipe, job, todo, batch, patches)
+        finally:
+            batch.wait(0)  # every PNG of the rendered batches written (or its error raised), even after a failure
+    return batch.seconds
+
+
+def _render_groups(pipe, job: RenderJobSpec, todo: list[Cell], batch: _BatchRenderer,
+                   patches: WeightPatches | None) -> None:
     extras = _load_loras(pipe, job, ours=patches is None)
     progress = tqdm(total=len(todo), desc=f"render {job.render_id}", leave=False)
     for key, group in itertools.groupby(todo, key=lambda c: (c.lora_weight, c.sampler, c.steps, c.cfg_scale,
@@ -154,6 +175,15 @@ class _BatchRenderer:
     conditioner: PromptConditioner
     context: _MetadataContext
     out_dir: Path
+    writer: ThreadPoolExecutor  # PNG encoding and writing, beside the next batch's denoising
+    seconds: dict[str, float] = field(default_factory=dict)  # image id -> its share of its batch's call
+    pending: deque[list[Future]] = field(default_factory=deque)  # each batch's PNG writes, oldest first
+
+    def wait(self, batches: int) -> None:
+        """Wait until at most `batches` batches' writes are still queued; a failed write raises here."""
+        while len(self.pending) > batches:
+            for write in self.pending.popleft():
+                write.result()
 
     def render(self, chunk: list[Cell], sampler: str, steps: int, cfg: float) -> None:
         job = self.job
@@ -166,14 +196,20 @@ class _BatchRenderer:
             generator=[torch.Generator(device="cpu").manual_seed(c.seed) for c in chunk],
         ).images
         per_image = (time.perf_counter() - t0) / len(chunk)
+        writes = []
         for cell, image in zip(chunk, images):
             params = self.context.parameters(job, cell)
             extra = {**params.extra, **condition.infotext, **self.conditioner.cell_infotext(cell)}
             params = dataclasses.replace(params, extra=extra)
-            _save_png(image, self.out_dir / f"{image_id(job, cell)}.png", params,
-                      {"image_id": image_id(job, cell), "render_id": job.render_id, "render_s": per_image,
-                       "run_id": job.checkpoint.run_id if job.checkpoint else None,
-                       "checkpoint_id": job.checkpoint.checkpoint_id if job.checkpoint else None})
+            name = image_id(job, cell)
+            self.seconds[name] = per_image
+            writes.append(self.writer.submit(
+                _save_png, image, self.out_dir / f"{name}.png", params,
+                {"image_id": name, "render_id": job.render_id, "render_s": per_image,
+                 "run_id": job.checkpoint.run_id if job.checkpoint else None,
+                 "checkpoint_id": job.checkpoint.checkpoint_id if job.checkpoint else None}))
+        self.pending.append(writes)
+        self.wait(1)  # the writer may run one batch behind the denoising, no further (bounded memory)
 
 
 def _network_patches(pipe, job: RenderJobSpec) -> WeightPatches:
@@ -264,8 +300,10 @@ def _save_png(image: Image.Image, path: Path, params: ImageParameters, ids: dict
         image.save(handle, format="PNG", pnginfo=png_info(params, ids))
 
 
-def _image_row(job: RenderJobSpec, cell: Cell, path: Path, tokens: int) -> dict[str, object]:
-    _, ours = read_png_parameters(path)
+def _image_row(job: RenderJobSpec, cell: Cell, path: Path, tokens: int, seconds: float | None) -> dict[str, object]:
+    """The image's `images` row; `seconds` is its render time when this call rendered it, else read from its PNG."""
+    if seconds is None:
+        seconds = float(read_png_parameters(path)[1].get("render_s", 0.0))
     ckpt = job.checkpoint
     return {
         "sweep_id": job.sweep_id, "image_id": image_id(job, cell), "render_id": job.render_id,
@@ -275,7 +313,7 @@ def _image_row(job: RenderJobSpec, cell: Cell, path: Path, tokens: int) -> dict[
         "lora_weight": cell.lora_weight if ckpt else 0.0, "cfg_scale": cell.cfg_scale,
         "prompt_index": cell.prompt_index, "prompt": cell.prompt, "negative_prompt": job.negative_prompt,
         "seed": cell.seed, "width": job.width, "height": job.height, "path": str(path),
-        "render_s": float(ours.get("render_s", 0.0)),
+        "render_s": seconds,
         "extra_loras": json.dumps([x.model_dump() for x in job.extra_loras]) if job.extra_loras else None,
         "precision": job.precision,  # resolved by render_job: the image id holds it
         "prompt_syntax": job.prompt_syntax, "prompt_tokens": tokens, "clip_skip": cell.clip_skip,
