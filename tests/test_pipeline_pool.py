@@ -10,12 +10,12 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from diffusers import StableDiffusionPipeline
 from PIL import Image
 
 from tasks.models import pipeline_pool
-from tasks.models.pipeline_pool import borrowed_pipeline, pipelines_loaded, release_idle_pipelines
+from tasks.models.pipeline_pool import adapter_copies, borrowed_pipeline, pipelines_loaded, release_idle_pipelines
 from tasks.preflight import prepare_inputs
+from tasks.render import job as render_module
 from tasks.render.job import render_job
 from tasks.sweep.load import parse_spec
 from tasks.sweep.plan import RenderJobSpec, render_jobs, training_runs
@@ -73,21 +73,21 @@ def pixels(job: RenderJobSpec, root: Path) -> dict[tuple, np.ndarray]:
 
 def test_a_pooled_sequence_renders_the_pixels_of_fresh_pipelines(jobs, tmp_path: Path, monkeypatch) -> None:
     swapped: list[str] = []
-    load = StableDiffusionPipeline.load_lora_weights
+    copy = pipeline_pool.copy_adapter_weights
 
-    def spy(self, *args, **kwargs):
-        if kwargs.get("hotswap"):
-            swapped.append(str(args[0]))
-        return load(self, *args, **kwargs)
+    def spy(unet, file, adapter):
+        swapped.append(str(Path(file).parent))
+        return copy(unet, file, adapter)
 
-    monkeypatch.setattr(StableDiffusionPipeline, "load_lora_weights", spy)
+    monkeypatch.setattr(render_module, "copy_adapter_weights", spy)
     release_idle_pipelines()
-    loaded = pipelines_loaded()
+    loaded, copies = pipelines_loaded(), adapter_copies()
     pooled = [pixels(jobs[key], tmp_path / f"pooled-{i}") for i, key in enumerate(ORDER)]
     assert pipelines_loaded() - loaded == 1  # every job after the first borrowed the same pipeline
     # Layers reused only after the same configuration (a@1 -> a@2, a@1 -> extra:a@2), never across ranks,
-    # targets, types or a text-encoder LoRA.
+    # targets, types or a text-encoder LoRA; both swaps copied in place.
     assert swapped == [jobs["a@2"].checkpoint.lora_dir, jobs["extra:a@2"].checkpoint.lora_dir]
+    assert adapter_copies() - copies == 2
     swapped.clear()
     for i, key in enumerate(ORDER):
         release_idle_pipelines()

@@ -38,7 +38,7 @@ from tasks.data.dataset import load_clip_tokenizer
 from tasks.lora.files import DIFFUSERS_FILE
 from tasks.lora.networks import WeightPatches, load_weight_patches, saved_network
 from tasks.models.base_model import MODEL_BUILD_LOCK
-from tasks.models.pipeline_pool import borrowed_pipeline, unet_adapters
+from tasks.models.pipeline_pool import borrowed_pipeline, copy_adapter_weights, unet_adapters
 from tasks.render.conditioning import PromptConditioner, prompt_tokens
 from tasks.render.grid_image import DEFAULT_Z_AXES, job_title, write_grid_images
 from tasks.render.png_metadata import ImageParameters, png_info, read_png_parameters
@@ -236,9 +236,11 @@ def _load_ours(pipe, job: RenderJobSpec) -> None:
     pipeline left when the two adapters have the same configuration (rank, alpha, targets, patterns; UNet
     only), else loaded afresh."""
     lora_dir = job.checkpoint.lora_dir
+    file = Path(lora_dir) / DIFFUSERS_FILE
     if ADAPTER in unet_adapters(pipe):
-        if _same_unet_adapter(pipe.unet.peft_config[ADAPTER].to_dict(), Path(lora_dir) / DIFFUSERS_FILE):
-            pipe.load_lora_weights(lora_dir, weight_name=DIFFUSERS_FILE, adapter_name=ADAPTER, hotswap=True)
+        if _same_unet_adapter(pipe.unet.peft_config[ADAPTER].to_dict(), file):
+            if not copy_adapter_weights(pipe.unet, file, ADAPTER):
+                pipe.load_lora_weights(lora_dir, weight_name=DIFFUSERS_FILE, adapter_name=ADAPTER, hotswap=True)
             return
         pipe.unload_lora_weights()
     pipe.load_lora_weights(lora_dir, weight_name=DIFFUSERS_FILE, adapter_name=ADAPTER)
