@@ -5,7 +5,8 @@ The rule (docs/faults.md):
 - images: width x height x 3 bytes per planned image (an uncompressed PNG, the upper bound) plus
   PNG_EXTRA_BYTES for the infotext and row filters; the X/Y grids show every image again at its cell
   size (small images upscaled to grid_image.MIN_CELL_PX) beside the baseline column, and labels and
-  margins add GRID_LABEL_FACTOR; prior preservation's class images not rendered yet count as images too;
+  margins add GRID_LABEL_FACTOR; prior preservation's class images not rendered yet count as images too,
+  each with its latent file (4 fp32 channels at 1/8 the side);
 - tables: ROW_BYTES_PER_IMAGE per image and ROW_BYTES_PER_STEP per training step;
 - minus what the sweep's folder holds already (a re-run writes only what is missing), plus
   MIN_FREE_BYTES kept free for the catalog, the report, caches and logs.
@@ -30,6 +31,7 @@ from tasks.train.class_images import class_images_to_render
 
 MIN_FREE_BYTES = 200 * 2**20
 PNG_EXTRA_BYTES = 8 * 2**10
+LATENT_HEADER_BYTES = 2**10
 GRID_LABEL_FACTOR = 1.5
 ROW_BYTES_PER_IMAGE = 4 * 2**10  # its images row and its metric rows
 ROW_BYTES_PER_STEP = 64  # its losses row
@@ -55,6 +57,12 @@ class SweepBytes:
 def image_bytes(width: int, height: int) -> int:
     """One PNG at most: raw RGB, a filter byte per row, the metadata."""
     return width * height * 3 + height + PNG_EXTRA_BYTES
+
+
+def class_image_bytes(side: int) -> int:
+    """One prior-preservation class image: its PNG and the sampler's latent beside it (4 fp32 channels at 1/8
+    the side, SD1.x and SDXL alike, plus the safetensors header)."""
+    return image_bytes(side, side) + 4 * 4 * math.ceil(side / 8) ** 2 + LATENT_HEADER_BYTES
 
 
 def grid_cell_bytes(width: int, height: int) -> int:
@@ -88,7 +96,7 @@ def estimate_sweep_bytes(spec: SweepSpec, inputs: PreparedInputs) -> SweepBytes:
         count += cells
         images += cells * image_bytes(job.width, job.height)
         grids += (cells + baseline_column) * grid_cell_bytes(job.width, job.height)
-    images += sum(n * image_bytes(side, side) for side, n in class_images_to_render(runs).values())
+    images += sum(n * class_image_bytes(side) for side, n in class_images_to_render(runs).values())
     tables = count * ROW_BYTES_PER_IMAGE + sum(r.max_steps for r in runs) * ROW_BYTES_PER_STEP
     return SweepBytes(checkpoints, len(refs), images + int(grids * GRID_LABEL_FACTOR), count, tables,
                       folder_bytes(sweep_root(spec)), len(runs))

@@ -179,6 +179,7 @@ def test_a_run_resumed_at_its_last_checkpoint_records_no_speed(tmp_path: Path) -
     assert "NaN" not in html and "completed" in html
 
 
+@pytest.mark.slow  # a whole flow run, then its re-run (~40 s): the fast suite passed its 10-minute budget
 def test_a_sweep_whose_files_the_disk_refuses_ends_failed_naming_the_folder(prefect_harness, tmp_path: Path,
                                                                             monkeypatch) -> None:
     from flows.lora_sweep import lora_sweep

@@ -18,7 +18,7 @@ from safetensors import safe_open
 
 from storage.layout import SweepLayout
 from tasks.data.dataset import scan_dataset
-from tasks.disk_space import estimate_sweep_bytes, image_bytes
+from tasks.disk_space import class_image_bytes, estimate_sweep_bytes, image_bytes
 from tasks.models.base_model import load_pipeline
 from tasks.preflight import prepare_inputs
 from tasks.render.samplers import make_scheduler
@@ -243,12 +243,15 @@ def test_the_disk_estimate_counts_class_images_not_yet_rendered(world, tmp_path:
     for name, prior in (("plain", None), ("prior", {**PRIOR, "num_class_images": 40})):
         spec = parse_spec(spec_data(tmp_path / name, prior))
         sizes[name] = estimate_sweep_bytes(spec, inputs).images
-    assert sizes["prior"] - sizes["plain"] == 40 * image_bytes(64, 64)
+    assert sizes["prior"] - sizes["plain"] == 40 * class_image_bytes(64)
+    assert class_image_bytes(64) > image_bytes(64, 64)  # the sampler's latent beside each PNG counts too
     spec = parse_spec(spec_data(tmp_path / "prior", PRIOR))
     before = estimate_sweep_bytes(spec, inputs).images
     run = training_runs(spec, inputs.model_paths, inputs.dataset_path, inputs.dataset_fingerprint)[0]
     ensure_class_images(run, fresh_pipe(world), "cpu")
-    assert before - estimate_sweep_bytes(spec, inputs).images == 3 * image_bytes(64, 64)
+    assert before - estimate_sweep_bytes(spec, inputs).images == 3 * class_image_bytes(64)
+    written = [f for f in class_images_dir(run).iterdir() if f.suffix in (".png", ".safetensors")]
+    assert len(written) == 6 and sum(f.stat().st_size for f in written) <= 3 * class_image_bytes(64)
 
 
 @pytest.mark.slow

@@ -6,11 +6,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pyarrow.parquet as pq
+import pytest
 
 import tasks.render.job as render_module
 from tests.conftest import small_sweep_data, write_spec
 
 
+@pytest.mark.slow  # two flow runs (~22 s): the fast suite passed its 10-minute budget
 def test_a_failed_baseline_render_is_listed_in_the_report_until_it_renders(prefect_harness, tmp_path: Path,
                                                                           monkeypatch) -> None:
     from flows.lora_sweep import lora_sweep
