@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from flows.stale_runs import crash_dead_runs, lock_path
 from storage.layout import SweepLayout
 from tests.conftest import small_sweep_data, write_spec
@@ -53,6 +55,7 @@ def test_only_running_flow_runs_whose_process_is_gone_are_marked_crashed(prefect
     assert [p.stem for p in lock_path(layout, dead.id).parent.iterdir()] == [str(alive.id)]
 
 
+@pytest.mark.slow  # a flow killed with -9, then a second run (~25 s): the fast suite measured 611 s
 def test_a_killed_flow_run_is_marked_crashed_when_its_sweep_starts_again(prefect_harness, tmp_path: Path) -> None:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowFilter, FlowFilterName
