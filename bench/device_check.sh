@@ -2,14 +2,8 @@
 # One call on a lent GPU machine (the `device` tool): the GPU benchmark, then pretraining variants
 # of the tiny world model in parallel. Results land in $OUT. diffusers is not in that machine's
 # image, so its wheel travels in .whl (see bench/README or the issue notes).
-set -u
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TQDM_DISABLE=1 DO_NOT_TRACK=1
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  || exit 1
-export PYTHONPATH=/tmp/site:$PWD
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-python3 -c "import torch, diffusers, transformers, peft; print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)"
+# shellcheck source=bench/device_env.sh
+source bench/device_env.sh
 
 BENCH_S=${BENCH_S:-250}; PRETRAIN_S=${PRETRAIN_S:-290}
 if [ "$BENCH_S" -gt 0 ]; then

@@ -98,7 +98,8 @@ def bare_batched_render(pipe: StableDiffusionPipeline, job: RenderJobSpec) -> Ca
     groups: dict[tuple, list] = {}
     for cell in cells:
         groups.setdefault((cell.lora_weight, cell.sampler, cell.steps, cell.cfg_scale), []).append(cell)
-    batches = [(key, group[i : i + MAX_BATCH]) for key, group in groups.items() for i in range(0, len(group), MAX_BATCH)]
+    batches = [(key, group[i : i + MAX_BATCH]) for key, group in groups.items()
+               for i in range(0, len(group), MAX_BATCH)]
     base_config = dict(pipe.scheduler.config)
 
     def call() -> int:

@@ -43,10 +43,10 @@ def test_other_files_change_nothing(tmp_path: Path, tiny_model_dir: Path) -> Non
     with_text = save_diffusers(tmp_path, "te.safetensors", random_lora(tiny_model_dir, seed=3, text_encoder=True))
     pipe = loaded(tiny_model_dir, first)
     before, copies = lora_params(pipe.unet), adapter_copies()
-    unet_keys = {k: v for k, v in random_lora(tiny_model_dir, seed=4)[0].items()}
+    unet_keys = dict(random_lora(tiny_model_dir, seed=4)[0])
     fewer = save_diffusers(tmp_path, "fewer.safetensors", (dict(list(unet_keys.items())[:-2]), {}, {}))
-    wider = save_diffusers(tmp_path, "wider.safetensors",
-                           ({k: torch.cat([v, v], dim=0 if "lora_A" in k else 1) for k, v in unet_keys.items()}, {}, {}))
+    doubled = {k: torch.cat([v, v], dim=0 if "lora_A" in k else 1) for k, v in unet_keys.items()}
+    wider = save_diffusers(tmp_path, "wider.safetensors", (doubled, {}, {}))
     for file in (with_text, fewer, wider):  # a text-encoder part, a missing tensor, another rank
         assert not copy_adapter_weights(pipe.unet, file, ADAPTER), file.name
     assert not copy_adapter_weights(pipe.unet, first, "another-adapter")

@@ -5,7 +5,8 @@ stacked at their own weights on every image, the baseline's included.
 The pipeline and the LoRA are loaded once; weights switch with `set_adapters` and samplers
 swap from the scheduler config. Every image has its own generator seeded from its seed, so no
 image's noise depends on batch size, order or the rest of the grid (kernels may still round a few
-pixels one level differently at another batch size: measured on the CPU, see tests/test_render_writes.py). A PNG is written atomically and
+pixels one level differently at another batch size: measured on the CPU, see
+tests/test_render_writes.py). A PNG is written atomically and
 found again on a re-run, so an interrupted job only renders what is missing; a claim per job
 keeps two sweeps that share the output folder from rendering it twice. PNGs are encoded and
 written on writer threads while the next batch denoises (at most one batch behind); the job
@@ -88,13 +89,14 @@ def render_job(job: RenderJobSpec) -> Path:
 
 def _render_claimed(job: RenderJobSpec, layout: SweepLayout, out_dir: Path, table_file: Path) -> Path:
     cells = grid_cells(job)
-    todo = [c for c in cells if not (out_dir / f"{image_id(job, c)}.png").exists()]
+    names = [image_id(job, c) for c in cells]
+    todo = [c for c, name in zip(cells, names) if not (out_dir / f"{name}.png").exists()]
     log.info("render %s: %d images, %d already on disk", job.render_id, len(cells), len(cells) - len(todo))
     seconds = _render_missing(job, todo, out_dir) if todo else {}
     tokenizer = load_clip_tokenizer()  # the CLIP BPE vocabulary SD1.x and SDXL share: counts only
     tokens = {p: prompt_tokens(p, job.prompt_syntax, tokenizer) for p in {c.prompt for c in cells}}
-    rows = [_image_row(job, c, out_dir / f"{image_id(job, c)}.png", tokens[c.prompt], seconds.get(image_id(job, c)))
-            for c in cells]
+    rows = [_image_row(job, c, name, out_dir / f"{name}.png", tokens[c.prompt], seconds.get(name))
+            for c, name in zip(cells, names)]
     _write_grids(job, layout, rows, out_dir)
     return write_rows("images", rows, table_file)
 
@@ -302,13 +304,15 @@ def _save_png(image: Image.Image, path: Path, params: ImageParameters, ids: dict
         image.save(handle, format="PNG", pnginfo=png_info(params, ids))
 
 
-def _image_row(job: RenderJobSpec, cell: Cell, path: Path, tokens: int, seconds: float | None) -> dict[str, object]:
-    """The image's `images` row; `seconds` is its render time when this call rendered it, else read from its PNG."""
+def _image_row(job: RenderJobSpec, cell: Cell, name: str, path: Path, tokens: int,
+               seconds: float | None) -> dict[str, object]:
+    """The `images` row of the cell's image `name`; `seconds` is its render time when this call rendered it, else
+    read from its PNG."""
     if seconds is None:
         seconds = float(read_png_parameters(path)[1].get("render_s", 0.0))
     ckpt = job.checkpoint
     return {
-        "sweep_id": job.sweep_id, "image_id": image_id(job, cell), "render_id": job.render_id,
+        "sweep_id": job.sweep_id, "image_id": name, "render_id": job.render_id,
         "base_model": job.base_model.name, "run_id": ckpt.run_id if ckpt else None,
         "checkpoint_id": ckpt.checkpoint_id if ckpt else None, "rank": ckpt.rank if ckpt else None,
         "checkpoint_step": ckpt.step if ckpt else None, "sampler": cell.sampler, "steps": cell.steps,
